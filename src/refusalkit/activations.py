@@ -1,0 +1,169 @@
+"""Residual-stream capture at chosen layers and token positions.
+
+"Layer l" means resid_pre of decoder layer l (the input of layer l); layer index
+`n_layers` means the output of the last layer (before the final norm). Prompts are batched
+with left padding in length-sorted order, so position -1 is the last prompt token (the one
+that emits the first answer token) in every row and padding is minimal. The forward pass is
+cut off right after the deepest requested layer: nobody pays for layers nobody reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from refusalkit.errors import UserError
+from refusalkit.models import LoadedModel
+from refusalkit.progress import bar
+
+MEAN_POST = "mean_post"  # mean over the post-instruction template tokens
+Position = int | str
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end the forward pass early; never escapes `capture`."""
+
+
+def post_instruction_length(lm: LoadedModel) -> int:
+    """How many template tokens follow the user's instruction (e.g. 5 for Qwen's
+    `<|im_end|>\\n<|im_start|>assistant\\n`)."""
+    marker = "XQZ_MARKER_QZX"
+    text = lm.format(marker)
+    suffix = text.split(marker, 1)[1]
+    return max(1, len(lm.tokenizer(suffix, add_special_tokens=False)["input_ids"]))
+
+
+def _validate_positions(lm: LoadedModel, positions: Sequence[Position]) -> None:
+    n_post = post_instruction_length(lm)
+    for p in positions:
+        if p == MEAN_POST:
+            continue
+        if not isinstance(p, int) or p >= 0:
+            raise UserError(
+                f"position {p!r} is not supported; use a negative offset from the end of the "
+                f"prompt (-1 = last prompt token, -{n_post}..-1 are template tokens) or "
+                f"'{MEAN_POST}'"
+            )
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length, longest first (peak memory early)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def capture(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    positions: Sequence[Position] = (-1,),
+    *,
+    batch_size: int = 16,
+    cache_dir: str | Path | None = None,
+    show_progress: bool = True,
+    formatted: bool = False,
+) -> torch.Tensor:
+    """Activations as a float32 tensor [n_prompts, len(layers), len(positions), hidden].
+
+    Prompts are wrapped in the chat template unless `formatted` is True. With `cache_dir`,
+    the result is stored under a key of model fingerprint, formatted texts, layers and
+    positions, so a second identical extraction is a file read.
+    """
+    if not prompts:
+        raise UserError("no prompts to extract activations from")
+    layers = list(layers)
+    lm.arch.check_layers(layers, allow_final=True)
+    _validate_positions(lm, positions)
+    texts = list(prompts) if formatted else [lm.format(p) for p in prompts]
+    cache_file = None
+    if cache_dir is not None:
+        key = _cache_key(lm, texts, layers, positions)
+        cache_file = Path(cache_dir) / f"acts-{key}.safetensors"
+        if cache_file.is_file():
+            return load_file(str(cache_file))["activations"]
+
+    n_post = post_instruction_length(lm)
+    tok = lm.tokenizer
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    out = torch.empty(len(texts), len(layers), len(positions), lm.hidden_size, dtype=torch.float32)
+    slot = {layer: i for i, layer in enumerate(layers)}
+    n_layers = lm.n_layers
+    deepest = max(layers)
+    current: dict[int, torch.Tensor] = {}
+
+    def select(h: torch.Tensor) -> torch.Tensor:
+        cols = []
+        for p in positions:
+            if p == MEAN_POST:
+                cols.append(h[:, -n_post:].float().mean(dim=1))
+            else:
+                cols.append(h[:, p].float())
+        return torch.stack(cols, dim=1)
+
+    def make_pre_hook(layer: int):
+        def hook(_module, args, kwargs):
+            current[layer] = select(_hidden_from(args, kwargs))
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    def final_hook(_module, _args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        current[n_layers] = select(h)
+        raise _StopForward
+
+    handles = []
+    try:
+        for layer in layers:
+            if layer < n_layers:
+                handles.append(
+                    lm.arch.layers[layer].register_forward_pre_hook(
+                        make_pre_hook(layer), with_kwargs=True
+                    )
+                )
+        if n_layers in slot:
+            handles.append(lm.arch.layers[n_layers - 1].register_forward_hook(final_hook))
+        with bar("activations", len(texts), show_progress) as progress, torch.inference_mode():
+            for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+                batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+                current.clear()
+                try:
+                    lm.model(
+                        input_ids=batch["input_ids"].to(lm.device),
+                        attention_mask=batch["attention_mask"].to(lm.device),
+                        use_cache=False,
+                    )
+                except _StopForward:
+                    pass
+                for layer, acts in current.items():
+                    out[idx, slot[layer]] = acts.cpu()
+                progress.advance(len(idx))
+    finally:
+        for h in handles:
+            h.remove()
+
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        save_file({"activations": out.contiguous()}, str(tmp))
+        tmp.replace(cache_file)
+    return out
+
+
+def _cache_key(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int], positions) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([lm.fingerprint, list(layers), [str(p) for p in positions]]).encode())
+    for t in texts:
+        h.update(hashlib.sha256(t.encode()).digest())
+    return h.hexdigest()[:32]

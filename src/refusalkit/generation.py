@@ -1,0 +1,121 @@
+"""Batched generation with an optional steering profile, returning text and token log-probs.
+
+Log-probabilities are those of the sampled tokens under the model's raw next-token
+distribution (temperature 1 = the sampling distribution itself, before any top-p cut), which
+is what paper A's answer weights need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from refusalkit.activations import length_sorted_batches
+from refusalkit.errors import UserError
+from refusalkit.interventions import Profile, steer
+from refusalkit.models import LoadedModel, strip_thinking
+from refusalkit.progress import bar
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finished: bool  # ended with an end-of-sequence token rather than the length limit
+
+    @property
+    def answer(self) -> str:
+        """The text with any reasoning-model thinking removed (what a judge should read)."""
+        return strip_thinking(self.text)
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    eos = lm.model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if lm.tokenizer.eos_token_id is not None:
+        ids.add(lm.tokenizer.eos_token_id)
+    return ids
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    profile: Profile | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 16,
+    show_progress: bool = True,
+    formatted: bool = False,
+) -> list[list[Generation]]:
+    """Generate `num_samples` answers per prompt; result[i][k] is sample k of prompt i.
+
+    temperature 0 is greedy decoding (then one sample is returned per prompt). Sampling is
+    seeded per batch so results do not depend on what ran before.
+    """
+    if not prompts:
+        raise UserError("no prompts to generate from")
+    if max_new_tokens < 1:
+        raise UserError("max_new_tokens must be at least 1")
+    greedy = temperature <= 0
+    k = 1 if greedy else num_samples
+    texts = list(prompts) if formatted else [lm.format(p) for p in prompts]
+    tok = lm.tokenizer
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    eos = _eos_ids(lm)
+    results: list[list[Generation]] = [[] for _ in prompts]
+    # Samples share a prompt's batch, so shrink the prompt batch to keep rows bounded.
+    per_batch = max(1, batch_size // k)
+    with bar("generate", len(prompts), show_progress) as progress, steer(lm, profile):
+        for idx in length_sorted_batches([len(e) for e in encoded], per_batch):
+            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+            input_ids = batch["input_ids"].to(lm.device)
+            if not greedy:
+                torch.manual_seed(seed + idx[0])
+            with torch.inference_mode():
+                out = lm.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=batch["attention_mask"].to(lm.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=not greedy,
+                    temperature=temperature if not greedy else None,
+                    top_p=top_p if not greedy else None,
+                    top_k=None,
+                    num_return_sequences=k,
+                    pad_token_id=tok.pad_token_id,
+                    return_dict_in_generate=True,
+                    output_logits=True,
+                )
+            new = out.sequences[:, input_ids.shape[1]:]
+            logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+            chosen = logp.gather(-1, new[..., None])[..., 0]
+            for row in range(new.shape[0]):
+                ids = new[row].tolist()
+                end = next((j for j, t in enumerate(ids) if t in eos), None)
+                n = len(ids) if end is None else end
+                prompt_i = idx[row // k]
+                results[prompt_i].append(Generation(
+                    prompt=prompts[prompt_i],
+                    text=tok.decode(ids[:n], skip_special_tokens=True),
+                    token_ids=tuple(ids[:n]),
+                    logprobs=tuple(chosen[row, :n].tolist()),
+                    finished=end is not None,
+                ))
+            progress.advance(len(idx))
+    return results
+
+
+def generate_text(lm: LoadedModel, prompts: Sequence[str], **kwargs: object) -> list[str]:
+    """Greedy (by default) single answers as plain strings."""
+    return [g[0].text for g in generate(lm, prompts, **kwargs)]  # type: ignore[arg-type]

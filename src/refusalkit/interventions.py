@@ -1,0 +1,216 @@
+"""Steering profiles: activation addition and directional ablation, applied through hooks.
+
+A `Profile` is a list of operators, each a strategy over per-layer vectors:
+- `add`: h ← h + s_l · v_l at the input of layer l (s < 0 with a refusal direction removes
+  refusal, s > 0 induces it);
+- `ablate`: h ← h − (h·r̂_l) r̂_l at the input of layer l *and* on every residual write inside
+  it. Over all layers this is exactly what weight orthogonalisation bakes into the weights.
+Each operator runs in the prompt phase (a forward over more than one new token), the
+generation phase (one new token with a KV cache) or both. `steer()` attaches a profile and
+always removes its hooks, on exit and on exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from refusalkit.artifacts import model_record, read_artifact, write_artifact
+from refusalkit.errors import UserError
+from refusalkit.models import LoadedModel
+
+Kind = Literal["add", "ablate"]
+Phase = Literal["prompt", "generation", "both"]
+PROFILE_FORMAT = "refusalkit.profile/v1"
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: Kind
+    vectors: Mapping[int, torch.Tensor]
+    strengths: Mapping[int, float] = field(default_factory=dict)
+    phase: Phase = "both"
+
+    def strength(self, layer: int) -> float:
+        return float(self.strengths.get(layer, 1.0))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Operators plus a global `scale` on addition strengths (0 turns additions off)."""
+
+    ops: tuple[Op, ...]
+    scale: float = 1.0
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def scaled(self, scale: float) -> Profile:
+        return replace(self, scale=scale)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for op in self.ops for layer in op.vectors})
+
+
+def addition(vectors: Mapping[int, torch.Tensor], strengths: Mapping[int, float] | float,
+             phase: Phase = "both") -> Op:
+    """h += s · v at each listed layer (one strength for all or one per layer)."""
+    if not isinstance(strengths, Mapping):
+        strengths = dict.fromkeys(vectors, float(strengths))
+    return Op("add", dict(vectors), dict(strengths), phase)
+
+
+def ablation(direction: torch.Tensor | Mapping[int, torch.Tensor], layers: list[int],
+             phase: Phase = "both") -> Op:
+    """Project a direction (unit-normalised here) out of the stream at the given layers."""
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return (v.double() / v.double().norm().clamp_min(1e-12)).float()
+
+    if isinstance(direction, Mapping):
+        vectors = {layer: unit(direction[layer]) for layer in layers}
+    else:
+        vectors = dict.fromkeys(layers, unit(direction))
+    return Op("ablate", vectors, {}, phase)
+
+
+def _in_phase(phase: Phase, h: torch.Tensor) -> bool:
+    if phase == "both":
+        return True
+    prompt_pass = h.shape[1] > 1
+    return prompt_pass if phase == "prompt" else not prompt_pass
+
+
+def _project_out(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    r = r.to(h.dtype)
+    return h - (h @ r)[..., None] * r
+
+
+def _rewrite_input(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+
+def _rewrite_output(output: Any, fn) -> Any:
+    if isinstance(output, tuple):
+        return (fn(output[0]), *output[1:])
+    return fn(output)
+
+
+@contextmanager
+def steer(lm: LoadedModel, profile: Profile | None) -> Iterator[LoadedModel]:
+    """Attach a profile's hooks for the duration of the block (None attaches nothing)."""
+    handles: list[Any] = []
+    try:
+        if profile is not None:
+            lm.arch.check_layers(profile.layers)
+            for op in profile.ops:
+                for layer, vec in op.vectors.items():
+                    if vec.shape != (lm.hidden_size,):
+                        raise UserError(f"profile vector for layer {layer} has shape "
+                                        f"{tuple(vec.shape)}, the model's hidden size is "
+                                        f"{lm.hidden_size}")
+                    handles.extend(_attach(lm, op, layer, vec.to(lm.device), profile.scale))
+        yield lm
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _attach(lm: LoadedModel, op: Op, layer: int, vec: torch.Tensor, scale: float) -> list[Any]:
+    block = lm.arch.layers[layer]
+    if op.kind == "add":
+        coef = op.strength(layer) * scale
+        if coef == 0.0:
+            return []
+
+        def add_fn(h: torch.Tensor) -> torch.Tensor:
+            return h + (coef * vec).to(h.dtype) if _in_phase(op.phase, h) else h
+
+        return [block.register_forward_pre_hook(
+            lambda _m, a, k: _rewrite_input(a, k, add_fn), with_kwargs=True)]
+    if op.kind == "ablate":
+        # The phase is decided on the layer input ([batch, seq, d]); writers inside the layer
+        # (MoE experts may see flattened [tokens, d]) follow that decision.
+        active = {"on": True}
+
+        def ablate_in(h: torch.Tensor) -> torch.Tensor:
+            active["on"] = _in_phase(op.phase, h)
+            return _project_out(h, vec) if active["on"] else h
+
+        def ablate_out(h: torch.Tensor) -> torch.Tensor:
+            return _project_out(h, vec) if active["on"] else h
+
+        handles = [block.register_forward_pre_hook(
+            lambda _m, a, k: _rewrite_input(a, k, ablate_in), with_kwargs=True)]
+        for module in lm.arch.residual_outputs(layer):
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, out: _rewrite_output(out, ablate_out)))
+        return handles
+    raise UserError(f"unknown operator kind '{op.kind}'; use add or ablate")
+
+
+# ---------------------------------------------------------------- weight orthogonalisation
+
+@torch.no_grad()
+def orthogonalize(lm: LoadedModel, direction: torch.Tensor) -> None:
+    """Fold ablation of one direction into the weights (permanent; Arditi et al. §4).
+
+    W ← W − r̂ r̂ᵀ W on the embedding and every residual writer (MoE experts and biases
+    included). A tied output embedding is untied first, so logits keep reading the full
+    stream. Exact only when every write reaches the residual unnormalised.
+    """
+    arch = lm.arch
+    if arch.has_post_norms:
+        raise UserError(
+            f"weight orthogonalisation is not exact for '{arch.model_type}': its sublayer outputs "
+            "pass a norm before the residual add; use hook ablation (a profile) instead"
+        )
+    r = direction.detach().double()
+    r = r / r.norm().clamp_min(1e-12)
+    head = arch.lm_head
+    if head is not None and head.weight is arch.embed.weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        lm.model.config.tie_word_embeddings = False
+    emb = arch.embed.weight
+    emb.copy_((emb.double() - (emb.double() @ r)[:, None] * r).to(emb.dtype))
+    for w in arch.writers:
+        p = w.param
+        moved = p.double().movedim(w.out_dim, -1)  # hidden axis last
+        moved = moved - (moved @ r)[..., None] * r
+        p.copy_(moved.movedim(-1, w.out_dim).to(p.dtype))
+        if w.bias is not None:
+            b = w.bias.double()
+            w.bias.copy_((b - (b @ r)[..., None] * r).to(w.bias.dtype))
+
+
+# ---------------------------------------------------------------- profile artifacts
+
+def save_profile(profile: Profile, path: str | Path, lm: LoadedModel) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    ops_meta = []
+    for i, op in enumerate(profile.ops):
+        for layer, vec in op.vectors.items():
+            tensors[f"op{i}.layer{layer}"] = vec
+        ops_meta.append({"kind": op.kind, "phase": op.phase, "layers": sorted(op.vectors),
+                         "strengths": {str(k): v for k, v in sorted(op.strengths.items())}})
+    manifest = {"model": model_record(lm), "ops": ops_meta, "scale": profile.scale,
+                **dict(profile.meta)}
+    return write_artifact(path, PROFILE_FORMAT, tensors, manifest)
+
+
+def load_profile(path: str | Path, lm: LoadedModel | None = None,
+                 *, allow_other_model: bool = False) -> Profile:
+    art = read_artifact(path, PROFILE_FORMAT, lm, allow_other_model=allow_other_model)
+    ops = []
+    for i, meta in enumerate(art.manifest["ops"]):
+        vectors = {layer: art.tensors[f"op{i}.layer{layer}"] for layer in meta["layers"]}
+        strengths = {int(k): float(v) for k, v in meta.get("strengths", {}).items()}
+        ops.append(Op(meta["kind"], vectors, strengths, meta.get("phase", "both")))
+    extra = {k: v for k, v in art.manifest.items()
+             if k not in ("ops", "scale", "format", "tensors_sha256")}
+    return Profile(tuple(ops), float(art.manifest.get("scale", 1.0)), extra)

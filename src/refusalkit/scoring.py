@@ -1,0 +1,111 @@
+"""Signals that need no generation: first-token refusal log-odds and next-token KL.
+
+Both read only the last prompt position's next-token distribution, one forward pass per
+batch, so they are the cheap proxies used to filter prompts by behaviour and prune searches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from refusalkit.activations import length_sorted_batches
+from refusalkit.interventions import Profile, steer
+from refusalkit.models import LoadedModel
+from refusalkit.progress import bar
+
+# First tokens of typical refusal openings (Arditi et al. use "I" / "As" for Qwen).
+REFUSAL_STARTS = ("I", "As", "Sorry", "Unfortunately", "我", "抱歉", "对不起")
+
+
+def refusal_token_ids(lm: LoadedModel, starts: Sequence[str] = REFUSAL_STARTS) -> list[int]:
+    """The first token id of each refusal opening, deduplicated."""
+    ids: list[int] = []
+    for s in starts:
+        toks = lm.tokenizer(s, add_special_tokens=False)["input_ids"]
+        if toks and toks[0] not in ids:
+            ids.append(toks[0])
+    return ids
+
+
+def last_logprobs(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    profile: Profile | None = None,
+    batch_size: int = 16,
+    show_progress: bool = False,
+    formatted: bool = False,
+) -> torch.Tensor:
+    """log p(next token | prompt) at the last prompt position, float32 [n, vocab]."""
+    texts = list(prompts) if formatted else [lm.format(p) for p in prompts]
+    tok = lm.tokenizer
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    out: torch.Tensor | None = None
+    with bar("next-token", len(texts), show_progress) as progress, steer(lm, profile):
+        for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+            with torch.inference_mode():
+                logits = lm.model(
+                    input_ids=batch["input_ids"].to(lm.device),
+                    attention_mask=batch["attention_mask"].to(lm.device),
+                    use_cache=False,
+                    logits_to_keep=1,
+                ).logits[:, -1]
+            logp = logits.float().log_softmax(-1).cpu()
+            if out is None:
+                out = torch.empty(len(texts), logp.shape[-1])
+            out[idx] = logp
+            progress.advance(len(idx))
+    assert out is not None
+    return out
+
+
+def refusal_log_odds(logp: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """log p(R) − log(1 − p(R)) computed stably as logsumexp(R) − logsumexp(not R)."""
+    mask = torch.zeros(logp.shape[-1], dtype=torch.bool)
+    mask[list(token_ids)] = True
+    lse_r = torch.logsumexp(logp[:, mask].double(), -1)
+    lse_not = torch.logsumexp(logp[:, ~mask].double(), -1)
+    return (lse_r - lse_not).float()
+
+
+def refusal_score(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    profile: Profile | None = None,
+    token_ids: Sequence[int] | None = None,
+    batch_size: int = 16,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """First-token refusal log-odds per prompt (> 0: a refusal opening is more likely)."""
+    ids = token_ids if token_ids is not None else refusal_token_ids(lm)
+    logp = last_logprobs(lm, prompts, profile=profile, batch_size=batch_size,
+                         show_progress=show_progress)
+    return refusal_log_odds(logp, ids)
+
+
+def kl_divergence(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ other) per row from two [n, vocab] log-prob tensors."""
+    b, o = base.double(), other.double()
+    return (b.exp() * (b - o)).sum(-1).float()
+
+
+def next_token_kl(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    profile: Profile,
+    *,
+    base: torch.Tensor | None = None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Per-prompt KL of the steered next-token distribution from the unsteered one.
+
+    Pass `base` (from `last_logprobs` without a profile) to reuse it across many profiles.
+    """
+    if base is None:
+        base = last_logprobs(lm, prompts, batch_size=batch_size)
+    steered = last_logprobs(lm, prompts, profile=profile, batch_size=batch_size)
+    return kl_divergence(base, steered)
