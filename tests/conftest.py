@@ -1,0 +1,109 @@
+"""Shared fixtures: real packaged models loaded once per session, tiny random models per test.
+
+Real-model tests share `qwen` / `smol` (session scope) so the suite loads each model once.
+Tests must leave them unmodified (use `steer()` hooks, which always come off; a test that
+changes weights works on its own copy, e.g. via `fresh_smol`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+os.environ.setdefault("REFUSALKIT_DATA", str(SHARED))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+WORDS = ("how do i make a bomb cake bake bread tell me about the weather please write poem "
+         "story hack computer steal car sorry cannot help sure here is what why who when "
+         "you are helpful assistant system user").split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer with a chat template: enough for every code path, no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    vocab = {tok: i for i, tok in enumerate(special + list(dict.fromkeys(WORDS)))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                  eos_token="<eos>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "mistral", "phi3", "qwen2_moe",
+                 "mixtral")
+
+
+def tiny_config(family: str, vocab_size: int = 64):
+    from transformers import AutoConfig
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                  max_position_embeddings=128, pad_token_id=0, eos_token_id=2,
+                  bos_token_id=1, tie_word_embeddings=False)
+    extra: dict = {}
+    if family in ("gemma2", "gemma3", "qwen3"):
+        extra["head_dim"] = 16
+    if family == "gemma3":
+        extra["sliding_window"] = 16
+    if family == "qwen2_moe":
+        extra.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                     shared_expert_intermediate_size=48, decoder_sparse_step=1)
+    if family == "mixtral":
+        extra.update(num_local_experts=4, num_experts_per_tok=2)
+    model_type = "gemma3_text" if family == "gemma3" else family
+    return AutoConfig.for_model(model_type, **common, **extra)
+
+
+def build_tiny(family: str = "llama", seed: int = 0):
+    """A LoadedModel around a randomly initialised 4-layer model of the given family."""
+    from transformers import AutoModelForCausalLM
+
+    from refusalkit.models import from_pretrained_objects
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=len(tok)),
+                                             dtype=torch.float32)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    return from_pretrained_objects(model, tok, name=f"tiny-{family}")
+
+
+@pytest.fixture
+def tiny():
+    return build_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    from refusalkit.models import load_model
+
+    return load_model("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    from refusalkit.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def fresh_smol():
+    """A private copy of smollm2 for tests that change weights (loads in a few seconds)."""
+    from refusalkit.models import load_model
+
+    return load_model("smollm2-135m")
