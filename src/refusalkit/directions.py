@@ -152,7 +152,9 @@ def get_method(name: str) -> Estimator:
     try:
         return METHODS[name]
     except KeyError:
-        raise UserError(f"unknown direction method '{name}'; use one of {', '.join(METHODS)}")
+        raise UserError(
+            f"unknown direction method '{name}'; use one of {', '.join(METHODS)}"
+        ) from None
 
 
 def per_layer(

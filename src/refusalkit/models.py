@@ -269,7 +269,8 @@ def resolve(spec: str) -> tuple[str, Path | str, str | None]:
     if spec in PACKAGED:
         pm = PACKAGED[spec]
         gguf, digest = assemble_packaged(pm)
-        return "packaged", _converted_folder(gguf, digest, cache_root() / "models" / pm.name), digest
+        folder = _converted_folder(gguf, digest, cache_root() / "models" / pm.name)
+        return "packaged", folder, digest
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

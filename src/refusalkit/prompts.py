@@ -87,7 +87,9 @@ def _read_file(path: Path, field: str = "prompt") -> list[dict[str, Any]]:
         rows = [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip()]
     else:
-        raise UserError(f"{path}: unsupported prompt file type '{suffix}'; use .jsonl, .csv or .txt")
+        raise UserError(
+            f"{path}: unsupported prompt file type '{suffix}'; use .jsonl, .csv or .txt"
+        )
     return rows
 
 
