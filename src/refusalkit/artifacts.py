@@ -59,7 +59,7 @@ def write_artifact(path: str | Path, kind: str, tensors: Mapping[str, torch.Tens
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in sorted(tensors.items())},
+    save_file({k: v.detach().float().cpu().clone() for k, v in sorted(tensors.items())},
               str(tmp / TENSORS))
     full = {"format": kind, "refusalkit_version": __version__, **manifest,
             "tensors_sha256": _file_sha256(tmp / TENSORS)}

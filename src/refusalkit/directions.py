@@ -122,7 +122,7 @@ def wrmd(
 
 
 def pca_paired(pos: torch.Tensor, neg: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
-    """First principal component of paired differences pos_i − neg_i (RepE-style).
+    """First singular direction of paired differences pos_i − neg_i (RepE-style).
 
     Pairs are taken in order (the shorter side sets the count); the sign is chosen to agree
     with the mean difference, so the convention matches the other estimators.
@@ -130,11 +130,9 @@ def pca_paired(pos: torch.Tensor, neg: torch.Tensor, *, normalize: bool = True) 
     _check(pos, neg)
     n = min(len(pos), len(neg))
     diffs = pos[:n].double() - neg[:n].double()
-    centred = diffs - diffs.mean(0)
-    if n < 2 or float(centred.norm()) == 0.0:
-        v = diffs.mean(0)
-    else:
-        v = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    # Uncentred on purpose: the consistent part of the differences is the signal; centring
+    # would remove it and leave only the pair-to-pair noise.
+    v = torch.linalg.svd(diffs, full_matrices=False).Vh[0]
     if float(v @ (pos.double().mean(0) - neg.double().mean(0))) < 0:
         v = -v
     return _unit(v) if normalize else v.float()

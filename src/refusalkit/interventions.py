@@ -30,11 +30,26 @@ PROFILE_FORMAT = "refusalkit.profile/v1"
 
 
 @dataclass(frozen=True)
+class Gate:
+    """Conditional steering (IBM CAST-style): steer a sequence only when its last prompt
+    token's projection on `vector` at the input of `layer` exceeds `threshold`.
+
+    The decision is taken once per sequence in the prompt pass and kept for generation, so a
+    topic detector can switch a behaviour vector on for one topic and leave others alone.
+    """
+
+    layer: int
+    vector: torch.Tensor
+    threshold: float
+
+
+@dataclass(frozen=True)
 class Op:
     kind: Kind
     vectors: Mapping[int, torch.Tensor]
     strengths: Mapping[int, float] = field(default_factory=dict)
     phase: Phase = "both"
+    gate: Gate | None = None
 
     def strength(self, layer: int) -> float:
         return float(self.strengths.get(layer, 1.0))
@@ -57,11 +72,14 @@ class Profile:
 
 
 def addition(vectors: Mapping[int, torch.Tensor], strengths: Mapping[int, float] | float,
-             phase: Phase = "both") -> Op:
+             phase: Phase = "both", gate: Gate | None = None) -> Op:
     """h += s · v at each listed layer (one strength for all or one per layer)."""
     if not isinstance(strengths, Mapping):
         strengths = dict.fromkeys(vectors, float(strengths))
-    return Op("add", dict(vectors), dict(strengths), phase)
+    if gate is not None and vectors and gate.layer > min(vectors):
+        raise UserError(f"gate layer {gate.layer} must not come after the first steered layer "
+                        f"{min(vectors)}: the gate decides before steering starts")
+    return Op("add", dict(vectors), dict(strengths), phase, gate)
 
 
 def ablation(direction: torch.Tensor | Mapping[int, torch.Tensor], layers: list[int],
@@ -109,19 +127,44 @@ def steer(lm: LoadedModel, profile: Profile | None) -> Iterator[LoadedModel]:
         if profile is not None:
             lm.arch.check_layers(profile.layers)
             for op in profile.ops:
+                mask = _attach_gate(lm, op, handles)
                 for layer, vec in op.vectors.items():
                     if vec.shape != (lm.hidden_size,):
                         raise UserError(f"profile vector for layer {layer} has shape "
                                         f"{tuple(vec.shape)}, the model's hidden size is "
                                         f"{lm.hidden_size}")
-                    handles.extend(_attach(lm, op, layer, vec.to(lm.device), profile.scale))
+                    handles.extend(_attach(lm, op, layer, vec.to(lm.device), profile.scale,
+                                           mask))
         yield lm
     finally:
         for h in handles:
             h.remove()
 
 
-def _attach(lm: LoadedModel, op: Op, layer: int, vec: torch.Tensor, scale: float) -> list[Any]:
+def _attach_gate(lm: LoadedModel, op: Op, handles: list[Any]) -> dict[str, torch.Tensor] | None:
+    """Register the gate's decision hook; returns the shared state holding the row mask."""
+    if op.gate is None:
+        return None
+    if op.kind != "add":
+        raise UserError("gates apply to addition operators only")
+    gate = op.gate
+    lm.arch.check_layers([gate.layer])
+    v = gate.vector.to(lm.device).double()
+    v = v / v.norm().clamp_min(1e-12)
+    state: dict[str, torch.Tensor] = {}
+
+    def decide(_m: Any, args: tuple, kwargs: dict) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        if h.shape[1] > 1 or "mask" not in state or len(state["mask"]) != h.shape[0]:
+            proj = h[:, -1].double() @ v
+            state["mask"] = (proj > gate.threshold).to(h.dtype)[:, None, None]
+
+    handles.append(lm.arch.layers[gate.layer].register_forward_pre_hook(decide, with_kwargs=True))
+    return state
+
+
+def _attach(lm: LoadedModel, op: Op, layer: int, vec: torch.Tensor, scale: float,
+            gate_state: dict[str, torch.Tensor] | None = None) -> list[Any]:
     block = lm.arch.layers[layer]
     if op.kind == "add":
         coef = op.strength(layer) * scale
@@ -129,7 +172,12 @@ def _attach(lm: LoadedModel, op: Op, layer: int, vec: torch.Tensor, scale: float
             return []
 
         def add_fn(h: torch.Tensor) -> torch.Tensor:
-            return h + (coef * vec).to(h.dtype) if _in_phase(op.phase, h) else h
+            if not _in_phase(op.phase, h):
+                return h
+            delta = (coef * vec).to(h.dtype)
+            if gate_state is not None:
+                return h + gate_state["mask"] * delta
+            return h + delta
 
         return [block.register_forward_pre_hook(
             lambda _m, a, k: _rewrite_input(a, k, add_fn), with_kwargs=True)]
@@ -196,8 +244,13 @@ def save_profile(profile: Profile, path: str | Path, lm: LoadedModel) -> Path:
     for i, op in enumerate(profile.ops):
         for layer, vec in op.vectors.items():
             tensors[f"op{i}.layer{layer}"] = vec
-        ops_meta.append({"kind": op.kind, "phase": op.phase, "layers": sorted(op.vectors),
-                         "strengths": {str(k): v for k, v in sorted(op.strengths.items())}})
+        meta: dict[str, Any] = {
+            "kind": op.kind, "phase": op.phase, "layers": sorted(op.vectors),
+            "strengths": {str(k): v for k, v in sorted(op.strengths.items())}}
+        if op.gate is not None:
+            tensors[f"op{i}.gate"] = op.gate.vector
+            meta["gate"] = {"layer": op.gate.layer, "threshold": op.gate.threshold}
+        ops_meta.append(meta)
     manifest = {"model": model_record(lm), "ops": ops_meta, "scale": profile.scale,
                 **dict(profile.meta)}
     return write_artifact(path, PROFILE_FORMAT, tensors, manifest)
@@ -210,7 +263,11 @@ def load_profile(path: str | Path, lm: LoadedModel | None = None,
     for i, meta in enumerate(art.manifest["ops"]):
         vectors = {layer: art.tensors[f"op{i}.layer{layer}"] for layer in meta["layers"]}
         strengths = {int(k): float(v) for k, v in meta.get("strengths", {}).items()}
-        ops.append(Op(meta["kind"], vectors, strengths, meta.get("phase", "both")))
+        gate = None
+        if "gate" in meta:
+            gate = Gate(int(meta["gate"]["layer"]), art.tensors[f"op{i}.gate"],
+                        float(meta["gate"]["threshold"]))
+        ops.append(Op(meta["kind"], vectors, strengths, meta.get("phase", "both"), gate))
     extra = {k: v for k, v in art.manifest.items()
              if k not in ("ops", "scale", "format", "tensors_sha256")}
     return Profile(tuple(ops), float(art.manifest.get("scale", 1.0)), extra)
