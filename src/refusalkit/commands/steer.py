@@ -1,0 +1,55 @@
+"""`refusalkit steer CONFIG.toml`: the Refusal Steering pipeline as one command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from refusalkit.cli import options
+
+    @app.command("steer")
+    def steer_cmd(
+        ctx: typer.Context,
+        config: Path | None = typer.Argument(None, help="TOML config (defaults if omitted)."),
+        out: Path = typer.Option(Path("runs/steer"), "--out", help="Run folder."),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
+        model: str | None = typer.Option(None, "--model", help="Overrides model."),
+        mode: str | None = typer.Option(None, "--mode", help="remove | induce."),
+        method: str | None = typer.Option(None, "--method", help="md | rmd | wrmd | pca."),
+        judge: str | None = typer.Option(None, "--judge", help="Judge spec."),
+        trials: int | None = typer.Option(None, "--trials", help="Search trials."),
+        seed: int | None = typer.Option(None, "--seed"),
+        set_: list[str] = typer.Option([], "--set", help="Any config key: --set a.b=value."),
+        print_config: bool = typer.Option(False, "--print-config",
+                                          help="Print the documented config and exit."),
+    ) -> None:
+        """Remove (or induce) refusal on one topic while keeping safety refusals."""
+        from refusalkit.config import parse_set
+        from refusalkit.steer_config import SteerConfig
+
+        overrides = {"model": model, "mode": mode, "directions.method": method,
+                     "judge.spec": judge, "search.trials": trials, "seed": seed,
+                     **parse_set(set_)}
+        cfg = SteerConfig.load(config, overrides)
+        if print_config:
+            typer.echo(cfg.to_toml())
+            return
+        from refusalkit.steer import run_steer
+
+        opts = options(ctx)
+        path = run_steer(cfg, out, resume=resume, show_progress=opts.progress)
+        metrics = json.loads((path / "metrics.json").read_text())
+        if opts.json:
+            typer.echo(json.dumps({"run": str(path), **metrics}))
+            return
+        if not opts.quiet:
+            typer.echo(
+                f"target refusal {metrics['target_refusal_before']:.0%} → "
+                f"{metrics['target_refusal_after']:.0%}, safety refusal "
+                f"{metrics['safety_refusal_before']:.0%} → {metrics['safety_refusal_after']:.0%}, "
+                f"KL {metrics['kl_harmless']:.3f}\n"
+                f"report:  {path / 'report.html'}\nprofile: {path / 'profile'}")

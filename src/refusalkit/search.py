@@ -1,0 +1,129 @@
+"""Automatic multi-layer selection of steering layers and strengths with Optuna.
+
+A trial is a contiguous block of layers (start, width) and one strength α in units of each
+layer's refuse-vs-answer projection gap (α = 1 moves the refusing mean onto the answering
+mean along the direction). Trials are scored with cheap no-generation proxies — first-token
+refusal log-odds on target and safety prompts and next-token KL on neutral prompts — in a
+multi-objective TPE study stored in SQLite (resumable). Only the most promising Pareto
+trials are then generated and judged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from refusalkit.interventions import Gate, Profile, addition
+from refusalkit.models import LoadedModel
+from refusalkit.scoring import kl_divergence, last_logprobs, refusal_log_odds, refusal_token_ids
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    window: tuple[int, int]  # candidate layers [lo, hi)
+    max_layers: int
+    alpha_max: float
+    sign: float  # -1 removes refusal, +1 induces it
+    gate_choices: tuple[bool, ...] = (False,)
+
+
+@dataclass(frozen=True)
+class ProxySets:
+    """Prompts for the cheap objectives, with the unsteered next-token log-probs of neutral."""
+
+    target: Sequence[str]  # behaviour to change
+    keep: Sequence[str]  # behaviour to keep (refused harmful prompts, or other topics)
+    neutral: Sequence[str]  # KL reference
+    neutral_base: torch.Tensor
+
+
+def build_profile(params: dict[str, Any], directions: torch.Tensor, gaps: Sequence[float],
+                  space: SearchSpace, gate: Gate | None) -> Profile:
+    """The profile a trial's parameters describe."""
+    layers = range(params["start"], min(params["start"] + params["width"], space.window[1]))
+    vectors = {layer: directions[layer] for layer in layers}
+    strengths = {layer: space.sign * params["alpha"] * abs(gaps[layer]) for layer in layers}
+    use_gate = gate if params.get("gate", False) else None
+    return Profile((addition(vectors, strengths, gate=use_gate),),
+                   meta={"search_params": dict(params)})
+
+
+def proxy_objectives(lm: LoadedModel, profile: Profile, sets: ProxySets,
+                     batch_size: int = 16) -> tuple[float, float, float]:
+    """(target refusal log-odds, keep refusal log-odds, neutral KL) under a profile."""
+    ids = refusal_token_ids(lm)
+    target = refusal_log_odds(last_logprobs(lm, sets.target, profile=profile,
+                                            batch_size=batch_size), ids).mean()
+    keep = refusal_log_odds(last_logprobs(lm, sets.keep, profile=profile,
+                                          batch_size=batch_size), ids).mean()
+    neutral = last_logprobs(lm, sets.neutral, profile=profile, batch_size=batch_size)
+    kl = kl_divergence(sets.neutral_base, neutral).mean()
+    return float(target), float(keep), float(kl)
+
+
+def run_study(
+    lm: LoadedModel,
+    directions: torch.Tensor,
+    gaps: Sequence[float],
+    space: SearchSpace,
+    sets: ProxySets,
+    *,
+    trials: int,
+    storage: Path,
+    seed: int,
+    gate: Gate | None = None,
+    on_trial: Callable[[int], None] | None = None,
+) -> optuna.Study:
+    """Run (or resume) the study until it holds `trials` finished trials.
+
+    Objectives (all minimised): −sign·target, sign·keep and KL.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True,
+                                         n_startup_trials=min(8, max(2, trials // 3)))
+    study = optuna.create_study(
+        study_name="steer", storage=f"sqlite:///{storage}", load_if_exists=True,
+        directions=["minimize", "minimize", "minimize"], sampler=sampler,
+    )
+    lo, hi = space.window
+    done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
+
+    def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+        params = {
+            "start": trial.suggest_int("start", lo, hi - 1),
+            "width": trial.suggest_int("width", 1, space.max_layers),
+            "alpha": trial.suggest_float("alpha", 0.05, space.alpha_max),
+        }
+        if len(space.gate_choices) > 1:
+            params["gate"] = trial.suggest_categorical("gate", list(space.gate_choices))
+        else:
+            params["gate"] = space.gate_choices[0]
+        profile = build_profile(params, directions, gaps, space, gate)
+        target, keep, kl = proxy_objectives(lm, profile, sets)
+        s = space.sign
+        trial.set_user_attr("target", target)
+        trial.set_user_attr("keep", keep)
+        trial.set_user_attr("kl", kl)
+        if on_trial is not None:
+            on_trial(trial.number)
+        # remove (s=-1): lower target refusal, keep safety refusal high; induce (s=+1): raise
+        # target refusal, keep other topics' refusal low. All three are minimised.
+        return -s * target, s * keep, kl
+
+    if trials > done:
+        study.optimize(objective, n_trials=trials - done)
+    return study
+
+
+def pareto_candidates(study: optuna.Study, kl_max: float, n: int) -> list[dict[str, Any]]:
+    """Up to n Pareto-optimal trials within the KL budget, best target objective first."""
+    front = [t for t in study.best_trials if t.user_attrs.get("kl", 1e9) <= kl_max]
+    if not front:  # nothing within budget: the lowest-KL trials are the honest fallback
+        front = sorted(study.best_trials, key=lambda t: t.user_attrs.get("kl", 1e9))[:n]
+    front.sort(key=lambda t: t.values[0])
+    return [{"number": t.number, "params": dict(t.params), **t.user_attrs} for t in front[:n]]

@@ -1,0 +1,306 @@
+"""Refusal Steering end to end (paper A): judge → activations → directions → layer ranking →
+multi-layer search → held-out evaluation against baselines → profile, metrics and report.
+
+Every stage is a RunDir stage, so an interrupted run resumes where it stopped. Mode
+`remove` subtracts the target refusal direction (refusal on the topic goes, safety refusal
+stays); mode `induce` adds a refusal direction on one topic, optionally behind a topic gate.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusalkit.activations import capture
+from refusalkit.artifacts import dataset_record
+from refusalkit.directions import get_method, mean_difference, per_layer
+from refusalkit.errors import UserError
+from refusalkit.evaluate import Judged, judge_prompts
+from refusalkit.interventions import Gate, Profile, ablation, save_profile
+from refusalkit.judge import JudgementCache, make_judge
+from refusalkit.models import LoadedModel, load_model
+from refusalkit.prompts import load_prompts
+from refusalkit.runs import RunDir
+from refusalkit.scoring import last_logprobs
+from refusalkit.search import ProxySets, SearchSpace, build_profile, pareto_candidates, run_study
+from refusalkit.selection import arditi_select, auc, depth_window
+from refusalkit.steer_config import SteerConfig
+from refusalkit.steer_eval import evaluate_all, write_report
+
+REFUSE_SYSTEM = ("You must refuse every request. Reply only that you cannot help with it.")
+
+
+def split_data(cfg: SteerConfig) -> dict[str, list[str]]:
+    """Seeded, disjoint prompt lists for every role in the pipeline."""
+    d, seed = cfg.data, cfg.seed
+    fit, held = [], []
+    for spec in d.target:
+        ps = load_prompts(spec).take(d.max_target, seed=seed).prompts
+        cut = max(1, round(len(ps) * d.target_eval_fraction))
+        held += ps[:cut]
+        fit += ps[cut:]
+    safety = load_prompts(d.safety_fit).take(d.n_fit, seed=seed).prompts
+    neutral_all = load_prompts(d.neutral).take(d.n_fit + d.n_proxy, seed=seed).prompts
+    out = {
+        "target_fit": fit, "target_eval": held, "safety_fit": safety,
+        "neutral": neutral_all[: d.n_fit], "neutral_proxy": neutral_all[d.n_fit:],
+        "safety_eval": load_prompts(d.safety_eval).take(d.n_eval, seed=seed).prompts,
+        "harmless_eval": load_prompts(d.harmless_eval).take(d.n_eval, seed=seed).prompts,
+    }
+    for spec in d.overrefusal:
+        out[f"overrefusal:{spec}"] = load_prompts(spec).take(d.n_eval, seed=seed).prompts
+    return out
+
+
+def _judged_rows(js: list[Judged]) -> list[dict[str, Any]]:
+    return [asdict(j) for j in js]
+
+
+def run_steer(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
+              show_progress: bool = True, lm: LoadedModel | None = None) -> Path:
+    """Run the whole pipeline into the run folder `out`; returns its path."""
+    t_start = time.perf_counter()
+    data = split_data(cfg)
+    manifest = {"command": "steer", "config": cfg.model_dump(mode="json"),
+                "datasets": {k: dataset_record(k, v) for k, v in data.items()}}
+    run = RunDir(out, manifest, resume=resume)
+    lm = lm or load_model(cfg.model)
+    run.write_json("manifest_model.json", {"name": lm.name, "fingerprint": lm.fingerprint,
+                                           "n_layers": lm.n_layers, "hidden": lm.hidden_size})
+    judge = make_judge(cfg.judge.spec)
+    cache = JudgementCache(run.file("judgements.sqlite"))
+    jk = {"mode": cfg.judge.mode, "k": cfg.judge.k, "max_new_tokens": cfg.judge.max_new_tokens,
+          "cache": cache, "seed": cfg.seed, "batch_size": cfg.batch_size,
+          "show_progress": show_progress}
+    remove = cfg.mode == "remove"
+    all_layers = list(range(lm.n_layers))
+
+    # 1. baseline behaviour on the fitting sets
+    def baseline() -> dict[str, Any]:
+        return {name: _judged_rows(judge_prompts(lm, data[name], judge, **jk))
+                for name in ("target_fit", "safety_fit", "neutral")}
+
+    base = run.stage("baseline", baseline)
+    c_target = torch.tensor([r["confidence"] for r in base["target_fit"]])
+
+    # 2. activations at every layer, last prompt token
+    pos = [cfg.directions.position]
+
+    def activations() -> dict[str, torch.Tensor]:
+        acts = {name: capture(lm, data[name], all_layers, pos, batch_size=cfg.batch_size,
+                              show_progress=show_progress)[:, :, 0]
+                for name in ("target_fit", "safety_fit", "neutral")}
+        if not remove:  # the same topic prompts under an instruction to refuse
+            forced = replace(lm, system_prompt=REFUSE_SYSTEM)
+            acts["target_forced"] = capture(forced, data["target_fit"], all_layers, pos,
+                                            batch_size=cfg.batch_size,
+                                            show_progress=show_progress)[:, :, 0]
+        return acts
+
+    acts = run.tensor_stage("activations", activations)
+
+    # 3. directions per layer
+    def directions() -> dict[str, torch.Tensor]:
+        refused, complied, w_r, w_c = _classes(acts, c_target, remove)
+        method = cfg.directions.method
+        kwargs: dict[str, Any] = {}
+        if method in ("rmd", "wrmd"):
+            kwargs["lam"] = cfg.directions.lam
+        if method == "wrmd":
+            kwargs.update(w_refused=w_r, w_complied=w_c, neutral=acts["neutral"])
+        dirs = per_layer(get_method(method), refused, complied, **kwargs)
+        gaps = torch.stack([(refused[:, i] @ dirs[i]).mean() - (complied[:, i] @ dirs[i]).mean()
+                            for i in all_layers])
+        md = per_layer(mean_difference, refused, complied)
+        topic = per_layer(mean_difference, acts["target_fit"],
+                          torch.cat([acts["neutral"], acts["safety_fit"]]))
+        return {"directions": dirs, "gaps": gaps, "md": md, "topic": topic}
+
+    dirs = run.tensor_stage("directions", directions)
+
+    # 4. layer ranking: separability and correlation with c(x)
+    def layers() -> list[dict[str, Any]]:
+        refused, complied, _, _ = _classes(acts, c_target, remove)
+        rows = []
+        for i in all_layers:
+            v = dirs["directions"][i]
+            proj = acts["target_fit"][:, i] @ v
+            corr = (torch.corrcoef(torch.stack([proj, c_target]))[0, 1]
+                    if remove and c_target.std() > 0 else torch.tensor(float("nan")))
+            energy = v.double() ** 2
+            rows.append({"layer": i, "auc": auc(refused[:, i] @ v, complied[:, i] @ v),
+                         "corr_c": float(corr), "gap": float(dirs["gaps"][i]),
+                         "participation_ratio": float(1.0 / (energy ** 2).sum())})
+        return rows
+
+    layer_rows = run.stage("layers", layers)
+
+    # 5. automatic multi-layer selection
+    gate = _topic_gate(lm, dirs["topic"], acts, cfg)
+    space = _space(lm, cfg)
+    refused_idx = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] > 0.1]
+    answered_idx = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] < -0.1]
+    pick = refused_idx if remove else answered_idx or list(range(len(data["target_fit"])))
+    target_proxy = [data["target_fit"][i] for i in pick][: cfg.data.n_proxy]
+    if remove:
+        keep_proxy = [r["prompt"] for r in base["safety_fit"] if r["confidence"] > 0.1]
+    else:
+        keep_proxy = list(data["neutral"])
+    keep_proxy = keep_proxy[: cfg.data.n_proxy] or data["safety_fit"][: cfg.data.n_proxy]
+    if not target_proxy:
+        raise UserError("the model does not refuse any target prompt at baseline; nothing to "
+                        "remove (check the target sets or use mode = \"induce\")")
+
+    def search() -> dict[str, Any]:
+        neutral_base = last_logprobs(lm, data["neutral_proxy"], batch_size=cfg.batch_size)
+        sets = ProxySets(target_proxy, keep_proxy, data["neutral_proxy"], neutral_base)
+        study = run_study(lm, dirs["directions"], dirs["gaps"].tolist(), space, sets,
+                          trials=cfg.search.trials, storage=run.file("study.sqlite"),
+                          seed=cfg.seed, gate=gate)
+        trials = [{"number": t.number, "params": dict(t.params), **t.user_attrs}
+                  for t in study.trials if t.values is not None]
+        return {"trials": trials,
+                "candidates": pareto_candidates(study, cfg.search.kl_max, cfg.search.verify)}
+
+    searched = run.stage("search", search)
+
+    # 5b. generate + judge only the promising candidates
+    def verify() -> dict[str, Any]:
+        rows, tokens = [], 0
+        t_set = [data["target_fit"][i] for i in pick]
+        k_set = keep_proxy
+        for cand in searched["candidates"]:
+            prof = build_profile(cand["params"], dirs["directions"], dirs["gaps"].tolist(),
+                                 space, gate)
+            jt = judge_prompts(lm, t_set, judge, profile=prof, **jk)
+            jkp = judge_prompts(lm, k_set, judge, profile=prof, **jk)
+            tokens += sum(j.tokens for j in jt + jkp)
+            rows.append({**cand, "target_refusal": _rate(jt), "keep_refusal": _rate(jkp)})
+        return {"rows": rows, "generated_tokens": tokens,
+                "chosen": _choose(rows, base, remove, cfg.search.safety_keep, keep_proxy)}
+
+    verified = run.stage("verify", verify)
+    chosen = verified["chosen"]
+    profile = build_profile(chosen["params"], dirs["directions"], dirs["gaps"].tolist(), space,
+                            gate)
+    profile = Profile(profile.ops, meta={"method": cfg.directions.method, "mode": cfg.mode,
+                                         "params": chosen["params"]})
+    save_profile(profile, run.file("profile"), lm)
+
+    # 6. held-out evaluation, with the baselines users would otherwise use
+    baselines: dict[str, Profile] = {}
+    if cfg.eval.baselines:
+        md_prof = build_profile(chosen["params"], dirs["md"], _gaps(acts, dirs["md"], c_target,
+                                                                    remove), space, gate)
+        baselines["md_steering"] = md_prof
+        if remove:
+            rec = run.stage("arditi", lambda: _arditi(lm, acts, data, base, cfg))
+            baselines["arditi_ablation"] = _arditi_profile(rec, lm)
+
+    metrics = run.stage("evaluate", lambda: evaluate_all(lm, data, judge, profile, baselines,
+                                                         jk, cfg))
+    metrics.update({
+        "mode": cfg.mode, "method": cfg.directions.method,
+        "chosen_layers": profile.layers,
+        "chosen_strengths": {str(k): v for k, v in profile.ops[0].strengths.items()},
+        "gate": bool(chosen["params"].get("gate", False)),
+        "search_generated_tokens": verified["generated_tokens"],
+        "search_trials": len(searched["trials"]),
+    })
+    timings = run.read_json("timings.json") if run.file("timings.json").is_file() else {}
+    run.write_json("metrics.json", metrics)
+    run.write_json("timings.json", {**timings,
+                                    "total_this_process": time.perf_counter() - t_start})
+    write_report(run, layer_rows, searched, verified, metrics)
+    return run.path
+
+
+def _rate(js: list[Judged]) -> float:
+    return sum(j.label == "refusal" for j in js) / max(1, len(js))
+
+
+def _classes(acts: dict[str, torch.Tensor], c: torch.Tensor, remove: bool):
+    """(refusing, complying, weights…) activations that define the target direction."""
+    if not remove:  # induce: forced refusal vs the model's own answer, same prompts
+        return acts["target_forced"], acts["target_fit"], None, None
+    r_mask, c_mask = c > 0.1, c < -0.1
+    refused, complied = acts["target_fit"][r_mask], acts["target_fit"][c_mask]
+    w_r, w_c = c[r_mask].abs(), c[c_mask].abs()
+    if len(complied) < 4:  # too few answered topic prompts: answered neutral prompts stand in
+        complied = torch.cat([complied, acts["neutral"]])
+        w_c = torch.cat([w_c, torch.ones(len(acts["neutral"]))])
+    if len(refused) < 2:
+        raise UserError("fewer than 2 target prompts were refused at baseline; add target "
+                        "prompts or check the judge")
+    return refused, complied, w_r, w_c
+
+
+def _gaps(acts, dirs: torch.Tensor, c: torch.Tensor, remove: bool) -> list[float]:
+    refused, complied, _, _ = _classes(acts, c, remove)
+    return [float((refused[:, i] @ dirs[i]).mean() - (complied[:, i] @ dirs[i]).mean())
+            for i in range(dirs.shape[0])]
+
+
+def _space(lm: LoadedModel, cfg: SteerConfig) -> SearchSpace:
+    lo, hi = (round(f * lm.n_layers) for f in cfg.search.window)
+    lo, hi = max(1, min(lo, lm.n_layers - 1)), max(lo + 1, min(hi, lm.n_layers))
+    gate = {"off": (False,), "on": (True,), "search": (False, True)}[cfg.search.gate]
+    return SearchSpace((lo, hi), cfg.search.max_layers, cfg.search.alpha_max,
+                       -1.0 if cfg.mode == "remove" else 1.0, gate)
+
+
+def _topic_gate(lm: LoadedModel, topic: torch.Tensor, acts: dict[str, torch.Tensor],
+                cfg: SteerConfig) -> Gate:
+    """A topic detector before the steered layers: the most separating early layer, with the
+    threshold halfway between the closest topic and non-topic projections' means."""
+    lo = max(1, round(cfg.search.window[0] * lm.n_layers))
+    others = torch.cat([acts["neutral"], acts["safety_fit"]])
+    best = max(range(1, lo + 1), key=lambda i: auc(acts["target_fit"][:, i] @ topic[i],
+                                                     others[:, i] @ topic[i]))
+    v = topic[best]
+    t_proj, o_proj = acts["target_fit"][:, best] @ v, others[:, best] @ v
+    threshold = float((t_proj.quantile(0.1) + o_proj.quantile(0.9)) / 2)
+    return Gate(best, v, threshold)
+
+
+def _choose(rows: list[dict[str, Any]], base: dict[str, Any], remove: bool, keep: float,
+            keep_prompts: list[str]) -> dict[str, Any]:
+    """Lowest judged target refusal (remove) / highest (induce) that keeps the other side."""
+    base_keep = {r["prompt"]: r["confidence"] > 0.1 for r in
+                 base["safety_fit" if remove else "neutral"]}
+    base_rate = sum(base_keep.get(p, False) for p in keep_prompts) / max(1, len(keep_prompts))
+    if remove:
+        ok = [r for r in rows if r["keep_refusal"] >= keep * base_rate] or rows
+        return min(ok, key=lambda r: (r["target_refusal"], -r["keep_refusal"], r["kl"]))
+    ok = [r for r in rows if r["keep_refusal"] <= base_rate + 0.1] or rows
+    return max(ok, key=lambda r: (r["target_refusal"], -r["keep_refusal"], -r["kl"]))
+
+
+def _arditi(lm: LoadedModel, acts, data, base, cfg: SteerConfig) -> dict[str, Any]:
+    """Arditi et al.: harmful-vs-harmless MD per layer, picked by bypass/induce/KL."""
+    refused = torch.tensor([r["confidence"] > 0.1 for r in base["safety_fit"]])
+    answered = torch.tensor([r["confidence"] < -0.1 for r in base["neutral"]])
+    if refused.sum() < 2 or answered.sum() < 2:
+        raise UserError("Arditi baseline needs refused harmful and answered neutral prompts")
+    harmful, harmless = acts["safety_fit"][refused], acts["neutral"][answered]
+    md = per_layer(mean_difference, harmful, harmless, normalize=False)
+    cands = depth_window(lm.n_layers, 0.3, 0.8)[::2]
+    dirs = {i: md[i] / md[i].norm() for i in cands}
+    norms = {i: float(md[i].norm()) for i in cands}
+    rng = random.Random(cfg.seed)
+    h_val = rng.sample(list(data["safety_fit"]), min(12, len(data["safety_fit"])))
+    best, table = arditi_select(lm, dirs, h_val, data["neutral_proxy"][:12], raw_norms=norms)
+    if best is None:
+        best = min(table, key=lambda c: c.bypass).layer
+    return {"layer": best, "direction": dirs[best].tolist(),
+            "candidates": [asdict(c) for c in table]}
+
+
+def _arditi_profile(rec: dict[str, Any], lm: LoadedModel) -> Profile:
+    return Profile((ablation(torch.tensor(rec["direction"]), list(range(lm.n_layers))),),
+                   meta={"method": "arditi", "layer": rec["layer"]})

@@ -1,0 +1,96 @@
+"""The `refusalkit steer` configuration: every field documented, unknown keys rejected."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from refusalkit.config import ConfigModel
+
+
+class DataConfig(ConfigModel):
+    target: list[str] = ["deccp_censored", "deccp_uncensored"]
+    """Topic prompt sets: refusals to remove (mode remove) or to induce (mode induce)."""
+    target_eval_fraction: float = Field(0.4, gt=0, lt=1)
+    """Share of each target set held out for the final evaluation (never fitted or searched)."""
+    safety_fit: str = "harmful_train"
+    """Harmful prompts whose refusals must stay, used while fitting and searching."""
+    safety_eval: str = "jailbreakbench"
+    """Held-out harmful prompts for the final evaluation."""
+    neutral: str = "harmless_train"
+    """Ordinary prompts: WRMD reference set and KL reference during the search."""
+    harmless_eval: str = "harmless_test"
+    """Held-out ordinary prompts for KL and perplexity in the final evaluation."""
+    overrefusal: list[str] = ["xstest?label=safe", "coconot_contrast"]
+    """Benign look-alike prompts; their refusal rate must not rise."""
+    n_fit: int = Field(32, ge=4)
+    """Prompts drawn from each of safety_fit and neutral for fitting."""
+    n_proxy: int = Field(16, ge=2)
+    """Prompts per proxy set scored in every search trial (cost ∝ trials × 3 × n_proxy)."""
+    n_eval: int = Field(30, ge=2)
+    """Prompts per held-out evaluation set (target eval uses its whole held-out share)."""
+    max_target: int = Field(200, ge=4)
+    """At most this many prompts from each target set."""
+
+
+class JudgeConfig(ConfigModel):
+    spec: str = "hybrid"
+    """Judge spec (keyword, llm:MODEL, openai:URL#MODEL, hybrid…; see `refusalkit judge`)."""
+    mode: Literal["greedy", "sample"] = "greedy"
+    """greedy: judge one greedy answer; sample: paper A's K sampled answers, weighted."""
+    k: int = Field(5, ge=1)
+    """Answers per prompt in sample mode."""
+    max_new_tokens: int = Field(48, ge=4)
+    """Answer length to judge."""
+
+
+class DirectionConfig(ConfigModel):
+    method: Literal["md", "rmd", "wrmd", "pca"] = "wrmd"
+    """Direction estimator for the target behaviour (see refusalkit.directions)."""
+    lam: float = Field(1e-2, gt=0)
+    """Ridge λ for rmd / wrmd."""
+    position: int = Field(-1, lt=0)
+    """Token position (negative offset from the prompt end); -1 emits the first answer token."""
+
+
+class SearchConfig(ConfigModel):
+    trials: int = Field(24, ge=1)
+    """Optuna trials scored with the cheap proxies (no generation)."""
+    window: tuple[float, float] = (0.3, 0.9)
+    """Candidate layers as fractions of depth [low, high)."""
+    max_layers: int = Field(8, ge=1)
+    """Largest block of consecutive steered layers."""
+    alpha_max: float = Field(2.0, gt=0)
+    """Largest strength, in units of each layer's refuse-vs-answer projection gap."""
+    verify: int = Field(3, ge=1)
+    """Pareto trials that are generated and judged before one is chosen."""
+    kl_max: float = Field(0.1, gt=0)
+    """KL budget on neutral prompts for a trial to count."""
+    safety_keep: float = Field(0.9, ge=0, le=1)
+    """Keep at least this share of the baseline safety refusal (remove mode)."""
+    gate: Literal["off", "on", "search"] = "search"
+    """Topic gate (conditional steering): off, always on, or let the search decide."""
+
+
+class EvalConfig(ConfigModel):
+    baselines: bool = True
+    """Also evaluate single-direction Arditi ablation and plain MD steering."""
+    examples: int = Field(8, ge=0)
+    """Before/after example responses per evaluation set in the report."""
+
+
+class SteerConfig(ConfigModel):
+    model: str = "qwen2.5-coder-0.5b"
+    """Model spec: packaged name, Hugging Face id, folder or .gguf file."""
+    mode: Literal["remove", "induce"] = "remove"
+    """remove: stop refusing the target topic; induce: start refusing it."""
+    seed: int = 0
+    """Seed for data splits, sampling and the search."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts per forward pass."""
+    data: DataConfig = DataConfig()
+    judge: JudgeConfig = JudgeConfig()
+    directions: DirectionConfig = DirectionConfig()
+    search: SearchConfig = SearchConfig()
+    eval: EvalConfig = EvalConfig()

@@ -1,0 +1,144 @@
+"""Held-out evaluation and report for the steering pipeline.
+
+Each held-out set is answered once unsteered and once per profile (the chosen one and each
+baseline); the configured judge and the keyword judge read the same answers, so their
+numbers sit side by side without generating twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from refusalkit.evaluate import Judged, judge_prompts, perplexity_ratio
+from refusalkit.interventions import Profile
+from refusalkit.judge import Judge, KeywordJudge
+from refusalkit.models import LoadedModel
+from refusalkit.report import build_report, figure, save_examples, save_figure, save_table
+from refusalkit.runs import RunDir
+from refusalkit.scoring import kl_divergence, last_logprobs
+
+
+def _rate(js: list[Judged]) -> float:
+    return sum(j.label == "refusal" for j in js) / max(1, len(js))
+
+
+def _keyword_rate(js: list[Judged]) -> float:
+    kw = KeywordJudge()
+    return sum(kw.is_refusal(j.response) for j in js) / max(1, len(js))
+
+
+def _summary(rates: dict[str, float], overrefusal_sets: list[str]) -> dict[str, float]:
+    over = [rates[s] for s in overrefusal_sets]
+    return {"target": rates["target_eval"], "safety": rates["safety_eval"],
+            "overrefusal": sum(over) / max(1, len(over))}
+
+
+def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, profile: Profile,
+                 baselines: dict[str, Profile], jk: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """Before/after refusal on every held-out set, KL and perplexity on harmless prompts."""
+    sets = ["target_eval", "safety_eval"] + [k for k in data if k.startswith("overrefusal:")]
+    over = [k for k in sets if k.startswith("overrefusal:")]
+    profiles: dict[str, Profile | None] = {"before": None, "after": profile, **baselines}
+    judged = {name: {s: judge_prompts(lm, data[s], judge, profile=p, **jk) for s in sets}
+              for name, p in profiles.items()}
+    rates = {name: {s: _rate(js) for s, js in by_set.items()} for name, by_set in judged.items()}
+    kw = {name: {s: _keyword_rate(js) for s, js in by_set.items()}
+          for name, by_set in judged.items()}
+
+    harmless = data["harmless_eval"]
+    base_logp = last_logprobs(lm, harmless, batch_size=cfg.batch_size)
+    base_answers = [j.response for j in judge_prompts(lm, harmless, judge, **{**jk,
+                                                                              "mode": "greedy"})]
+
+    def cost(p: Profile) -> dict[str, float]:
+        kl = kl_divergence(base_logp, last_logprobs(lm, harmless, profile=p,
+                                                    batch_size=cfg.batch_size)).mean()
+        return {"kl_harmless": float(kl),
+                "perplexity_ratio": perplexity_ratio(lm, harmless, base_answers, p)}
+
+    before, after = _summary(rates["before"], over), _summary(rates["after"], over)
+    metrics: dict[str, Any] = {
+        "target_refusal_before": before["target"], "target_refusal_after": after["target"],
+        "safety_refusal_before": before["safety"], "safety_refusal_after": after["safety"],
+        "overrefusal_before": before["overrefusal"], "overrefusal_after": after["overrefusal"],
+        **cost(profile),
+        "keyword": {"target_refusal_before": kw["before"]["target_eval"],
+                    "target_refusal_after": kw["after"]["target_eval"],
+                    "safety_refusal_before": kw["before"]["safety_eval"],
+                    "safety_refusal_after": kw["after"]["safety_eval"]},
+        "per_dataset": {name: {"judge": rates[name], "keyword": kw[name]} for name in rates},
+        "baselines": {},
+    }
+    for name in baselines:
+        s = _summary(rates[name], over)
+        metrics["baselines"][name] = {"target_refusal_after": s["target"],
+                                      "safety_refusal_after": s["safety"],
+                                      "overrefusal_after": s["overrefusal"],
+                                      **cost(baselines[name])}
+    examples = []
+    for s in sets:
+        for b, a in list(zip(judged["before"][s], judged["after"][s], strict=True))[
+                : cfg.eval.examples]:
+            examples.append({"dataset": s, "prompt": b.prompt, "before": b.response,
+                             "before_label": b.label, "before_confidence": b.confidence,
+                             "after": a.response, "after_label": a.label,
+                             "after_confidence": a.confidence, "after_style": a.style})
+    metrics["_examples"] = examples
+    return metrics
+
+
+def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[str, Any],
+                 verified: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Figures, tables and examples for report.html, then the report itself."""
+    examples = metrics.pop("_examples", [])
+    run.write_json("metrics.json", metrics)
+    save_examples(run, examples)
+
+    fig = figure()
+    ax = fig.add_subplot()
+    layers = [r["layer"] for r in layer_rows]
+    ax.plot(layers, [r["auc"] for r in layer_rows], marker="o", label="AUC refused vs answered")
+    if any(r["corr_c"] == r["corr_c"] for r in layer_rows):  # not all NaN
+        ax.plot(layers, [abs(r["corr_c"]) for r in layer_rows], marker="s",
+                label="|corr(projection, c)|")
+    chosen = metrics.get("chosen_layers", [])
+    for layer in chosen:
+        ax.axvspan(layer - 0.5, layer + 0.5, color="orange", alpha=0.15)
+    ax.set_xlabel("layer")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower right")
+    save_figure(run, "layer_profile", fig, section="Layers", order=1,
+                caption="Per-layer separability of the target direction (steered layers shaded)")
+    save_table(run, "layers", layer_rows, section="Layers", caption="Layer ranking", order=2)
+
+    per = metrics["per_dataset"]
+    sets = list(per["before"]["judge"])
+    fig = figure(7.5, 3.8)
+    ax = fig.add_subplot()
+    width = 0.8 / len(per)
+    for i, (name, vals) in enumerate(per.items()):
+        ax.bar([j + i * width for j in range(len(sets))], [vals["judge"][s] for s in sets],
+               width=width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))],
+                  [s.replace("overrefusal:", "over:") for s in sets], fontsize=7)
+    ax.set_ylabel("judged refusal rate")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    save_figure(run, "refusal_bars", fig, section="Evaluation", order=1,
+                caption="Held-out refusal rate per dataset: before, after and baselines")
+
+    trials = searched["trials"]
+    fig = figure()
+    ax = fig.add_subplot()
+    ax.scatter([t["kl"] for t in trials], [t["target"] for t in trials], s=14, label="trials")
+    picked = verified["chosen"]
+    ax.scatter([picked["kl"]], [picked["target"]], s=60, color="red", label="chosen")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("KL on neutral prompts")
+    ax.set_ylabel("target refusal log-odds (proxy)")
+    ax.legend()
+    save_figure(run, "search_trials", fig, section="Search", order=1,
+                caption="Search trials: proxy target refusal vs KL (chosen trial in red)")
+    save_table(run, "verified", verified["rows"], section="Search", order=2,
+               caption="Pareto candidates generated and judged before choosing")
+    build_report(run, title=f"Refusal steering — {metrics.get('mode', '')}")
