@@ -22,11 +22,15 @@ demo: $(STAMP)
 	$(BIN)/refusalkit demo
 
 test: $(STAMP)
+	# the report test renders report.html in headless Chromium (Debian package)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/pip install -q -e '.[bench]'
+	# --no-deps: these peers pin transformers<5, which would break the project.
+	$(BIN)/pip install -q --no-deps steering-vectors repeng
+	$(BIN)/pip install -q scikit-learn
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -44,6 +44,9 @@ def main(
     json_out: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
 ) -> None:
+    from refusalkit.commands.core import quiet_libraries
+
+    quiet_libraries()
     ctx.obj = Options(quiet=quiet, json=json_out, debug=debug)
 
 
@@ -79,12 +82,11 @@ def run() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Usage errors from typer's bundled click: duck-typed, since typer vendors its own copy.
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            print(f"error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(exc.exit_code or 2)
         if debug:
             raise
         print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",

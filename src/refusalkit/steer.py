@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from refusalkit.activations import capture
-from refusalkit.artifacts import dataset_record
+from refusalkit.artifacts import dataset_record, model_record
 from refusalkit.directions import get_method, mean_difference, per_layer
 from refusalkit.errors import UserError
 from refusalkit.evaluate import Judged, judge_prompts
@@ -25,7 +25,7 @@ from refusalkit.interventions import Gate, Profile, ablation, save_profile
 from refusalkit.judge import JudgementCache, make_judge
 from refusalkit.models import LoadedModel, load_model
 from refusalkit.prompts import load_prompts
-from refusalkit.runs import RunDir
+from refusalkit.runs import RunDir, check_run_folder, run_manifest
 from refusalkit.scoring import last_logprobs
 from refusalkit.search import ProxySets, SearchSpace, build_profile, pareto_candidates, run_study
 from refusalkit.selection import arditi_select, auc, depth_window
@@ -66,13 +66,18 @@ def run_steer(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
     """Run the whole pipeline into the run folder `out`; returns its path."""
     t_start = time.perf_counter()
     data = split_data(cfg)
-    manifest = {"command": "steer", "config": cfg.model_dump(mode="json"),
-                "datasets": {k: dataset_record(k, v) for k, v in data.items()}}
-    run = RunDir(out, manifest, resume=resume)
-    lm = lm or load_model(cfg.model)
-    run.write_json("manifest_model.json", {"name": lm.name, "fingerprint": lm.fingerprint,
-                                           "n_layers": lm.n_layers, "hidden": lm.hidden_size})
+    check_run_folder(out, resume)  # fail before the (slow) model load
     judge = make_judge(cfg.judge.spec)
+    lm = lm or load_model(cfg.model)
+    manifest = run_manifest("steer", cfg.model_dump(mode="json"), model=model_record(lm),
+                            datasets=[dataset_record(k, v) for k, v in data.items()],
+                            seeds={"seed": cfg.seed})
+    with RunDir(out, manifest, resume=resume) as run:
+        return _pipeline(cfg, run, lm, judge, data, show_progress, t_start)
+
+
+def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
+              data: dict[str, list[str]], show_progress: bool, t_start: float) -> Path:
     cache = JudgementCache(run.file("judgements.sqlite"))
     jk = {"mode": cfg.judge.mode, "k": cfg.judge.k, "max_new_tokens": cfg.judge.max_new_tokens,
           "cache": cache, "seed": cfg.seed, "batch_size": cfg.batch_size,

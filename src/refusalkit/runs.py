@@ -1,0 +1,290 @@
+"""Run folders: a manifest, one file per finished stage, atomic writes, resume.
+
+A long command works inside a run folder. Each stage's result is written atomically (temp
+name, then rename) once the stage has finished, so a killed process never leaves a
+half-written file that a later run would trust. With `resume=True` finished stages are read
+back instead of computed again. Timings live apart (`timings.json`) so that everything else
+is byte-identical across runs with the same inputs and seeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from refusalkit import __version__
+from refusalkit.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+MANIFEST = "manifest.json"
+TIMINGS = "timings.json"
+STAGES = "stages"
+LOCK = ".lock"
+# Manifest keys that must match for --resume to reuse stages (versions may differ).
+RESUME_KEYS = ("command", "config", "model", "datasets", "seeds")
+# Test-only hook: the stage named here sleeps after computing and before storing its result,
+# so a test can SIGKILL a real run "in the middle of a stage" deterministically.
+SLOW_STAGE_ENV = "REFUSALKIT_TEST_SLOW_STAGE"
+SLOW_SECONDS_ENV = "REFUSALKIT_TEST_SLOW_SECONDS"
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True,
+                                              ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if needed) for the block."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def versions() -> dict[str, str]:
+    out = {"refusalkit": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "safetensors", "optuna", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_manifest(command: str, config: Mapping[str, Any], *, model: Mapping[str, Any] | None = None,
+                 datasets: Sequence[Mapping[str, Any]] = (), seeds: Mapping[str, int] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """The manifest of a run: what was asked (config), on what (model, datasets) and seeds.
+
+    `model` is `artifacts.model_record(lm)`, datasets are `artifacts.dataset_record(...)`.
+    RunDir adds package versions. Nothing time-dependent goes in, so it is reproducible.
+    """
+    out: dict[str, Any] = {"command": command, "config": dict(config)}
+    if model is not None:
+        out["model"] = dict(model)
+    out["datasets"] = [dict(d) for d in datasets]
+    out["seeds"] = dict(seeds or {})
+    return {**out, **extra}
+
+
+def check_run_folder(path: str | Path, resume: bool) -> None:
+    """Fail early (before loading a model) if `path` cannot hold this run.
+
+    `resume` on a folder that holds no run yet simply starts one, so scripts can always
+    pass --resume."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run folder '{path}' is a file; choose a folder path")
+    if (path / MANIFEST).is_file():
+        if not resume:
+            raise UserError(f"run folder '{path}' already holds a run; pass --resume "
+                            "to continue it or choose another folder")
+    elif path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
+        raise UserError(f"'{path}' is not empty and holds no run; choose a new or "
+                        "empty folder")
+
+
+class RunDir:
+    """A run folder. Stages are named; their results are JSON values or tensor dicts.
+
+    One process at a time owns a run folder (an advisory lock, released by the kernel when
+    the process dies, so SIGKILL never leaves it locked). Leftover temp files of a killed
+    process are deleted on open: only fully written files are ever trusted.
+    """
+
+    def __init__(self, path: str | Path, manifest: Mapping[str, Any], *,
+                 resume: bool = False) -> None:
+        self.path = Path(path)
+        existing = self.path / MANIFEST
+        check_run_folder(self.path, resume)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = _acquire(self.path / LOCK)
+        if existing.is_file():
+            old = json.loads(existing.read_text())
+            for key in RESUME_KEYS:
+                if old.get(key) != manifest.get(key):
+                    self.close()
+                    raise UserError(f"run folder '{self.path}' was started with a different "
+                                    f"{key}; resume with the same inputs or choose another "
+                                    "folder")
+        _remove_stale_temps(self.path)
+        (self.path / STAGES).mkdir(exist_ok=True)
+        atomic_write_json(existing, {**manifest, "versions": versions()})
+        self.resume = resume
+        self.ran: list[str] = []  # stages computed (not reused) in this process
+        self.reused: list[str] = []
+        self.log = _file_logger(self.path / "run.log")
+        self.log.info("run opened (%s)", "resume" if resume else "new")
+
+    def close(self) -> None:
+        """Release the folder lock and the log file (also happens when the process ends)."""
+        if getattr(self, "log", None) is not None:
+            for handler in list(self.log.handlers):
+                handler.close()
+                self.log.removeHandler(handler)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plain files -----------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return atomic_write_json(self.path / name, obj)
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def write_metrics(self, metrics: Mapping[str, Any]) -> Path:
+        """`metrics.json`: the run's headline numbers (the report's summary table)."""
+        return self.write_json("metrics.json", dict(metrics))
+
+    # -- stages ----------------------------------------------------------------------
+    def _stage_path(self, name: str, suffix: str) -> Path:
+        return self.path / STAGES / f"{name}{suffix}"
+
+    def done(self, name: str) -> bool:
+        return (self._stage_path(name, ".json").is_file()
+                or self._stage_path(name, ".safetensors").is_file())
+
+    def stage(self, name: str, compute: Callable[[], T]) -> T:
+        """JSON-valued stage: reuse the stored result, or compute, store and return it."""
+        path = self._stage_path(name, ".json")
+        if path.is_file():
+            self.reused.append(name)
+            self.log.info("stage %s: reused", name)
+            return json.loads(path.read_text())
+        result = self._timed(name, compute)
+        atomic_write_json(path, result)
+        self._finish(name)
+        return json.loads(path.read_text())  # callers see exactly what a resume would see
+
+    def tensor_stage(self, name: str,
+                     compute: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Tensor-valued stage, stored as safetensors."""
+        from safetensors.torch import load_file, save_file
+
+        path = self._stage_path(name, ".safetensors")
+        if path.is_file():
+            self.reused.append(name)
+            self.log.info("stage %s: reused", name)
+            return load_file(str(path))
+        result = self._timed(name, compute)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        save_file({k: v.detach().contiguous().cpu() for k, v in sorted(result.items())},
+                  str(tmp))
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        self._finish(name)
+        return load_file(str(path))
+
+    def _timed(self, name: str, compute: Callable[[], T]) -> T:
+        self.log.info("stage %s: start", name)
+        t0 = time.perf_counter()
+        result = compute()
+        seconds = time.perf_counter() - t0
+        timings = self.read_json(TIMINGS) if (self.path / TIMINGS).is_file() else {}
+        timings[name] = round(seconds, 3)
+        atomic_write_json(self.path / TIMINGS, timings)
+        self.log.info("stage %s: computed in %.1fs", name, seconds)
+        if name in os.environ.get(SLOW_STAGE_ENV, "").split(","):
+            self.log.info("stage %s: test hook sleeping before storing", name)
+            time.sleep(float(os.environ.get(SLOW_SECONDS_ENV, "60")))
+        return result
+
+    def _finish(self, name: str) -> None:
+        self.ran.append(name)
+        self.log.info("stage %s: stored", name)
+
+
+def _acquire(path: Path) -> Any:
+    """Lock the run folder for this process; a second process gets one clear line."""
+    f = path.open("a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip()
+        f.close()
+        if owner == str(os.getpid()):
+            return None  # this process already holds it (a second RunDir on the same folder)
+        raise UserError(f"run folder '{path.parent}' is in use by another process "
+                        f"(pid {owner or '?'}); wait for it or choose another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Delete temp files (`.NAME.tmpPID`) that a killed writer left behind."""
+    for path in root.rglob(".*.tmp*"):
+        m = _TMP.match(path.name)
+        if m and int(m.group(1)) != os.getpid():
+            if path.is_dir():
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _file_logger(path: Path) -> logging.Logger:
+    """A logger writing to the run folder only (one handler per file, reused on resume)."""
+    logger = logging.getLogger(f"refusalkit.run.{path.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not logger.handlers:
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    return logger
