@@ -50,5 +50,5 @@ def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path) -> None:
 def test_remove_mode_without_refusals_is_a_clear_error(tmp_path: Path) -> None:
     lm = build_tiny("qwen2")
     cfg = tiny_cfg(mode="remove")
-    with pytest.raises(UserError, match="does not refuse any target prompt|fewer than 2"):
+    with pytest.raises(UserError, match=r"does not refuse any target prompt|fewer than 2"):
         run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
