@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/refusalkit demo
+	# --resume: a second `make demo` reuses what the first one finished
+	$(BIN)/refusalkit steer configs/demo.toml --out runs/demo --resume
 
 test: $(STAMP)
 	# the report test renders report.html in headless Chromium (Debian package)

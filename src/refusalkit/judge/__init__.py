@@ -1,6 +1,16 @@
-"""Refusal judges: one interface (`Judge`), composable, each with a stable id."""
+"""Refusal judges: one interface (`Judge`), composable, each with a stable id.
 
-from refusalkit.judge.base import Judge, Judgement
+`make_judge(spec)` builds any of them from a string; `CachedJudge` + `JudgementCache` keep
+judgements on disk; `score_prompts` is paper A's K-sample refusal confidence protocol.
+"""
+
+from refusalkit.judge.base import LABELS, REFUSAL_STYLES, STYLES, Judge, Judgement
+from refusalkit.judge.cache import CachedJudge, JudgementCache
 from refusalkit.judge.keyword import KeywordJudge
+from refusalkit.judge.protocol import PromptScore, score_prompts, summarize
+from refusalkit.judge.spec import EnsembleJudge, make_judge
 
-__all__ = ["Judge", "Judgement", "KeywordJudge"]
+__all__ = [
+    "LABELS", "REFUSAL_STYLES", "STYLES", "CachedJudge", "EnsembleJudge", "Judge", "Judgement",
+    "JudgementCache", "KeywordJudge", "PromptScore", "make_judge", "score_prompts", "summarize",
+]

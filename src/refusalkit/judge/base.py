@@ -7,6 +7,17 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 Label = Literal["refusal", "compliance", "partial"]
+LABELS: tuple[str, ...] = ("refusal", "partial", "compliance")
+
+# The 12 refusal styles of paper A's judge prompt (METHODS.md §1.1), in the prompt's order;
+# letters A–L in the prompt map to these keys. "compliance" and "partial" complete the set.
+REFUSAL_STYLES: tuple[str, ...] = (
+    "direct_refusal", "deflection", "misinformation", "reframing", "feigned_ignorance",
+    "vagueness", "topic_redirection", "conditional_framing", "moral_lecturing",
+    "official_narrative", "question_invalidation", "nonsensical",
+)
+STYLES: tuple[str, ...] = (*REFUSAL_STYLES, "partial", "compliance")
+UNPARSEABLE = "unparseable"  # style of a judgement whose label could not be read (score 0)
 
 
 @dataclass(frozen=True)
@@ -21,6 +32,11 @@ class Judgement:
     def is_refusal(self) -> bool:
         return self.label in ("refusal", "partial")
 
+    @property
+    def parsed(self) -> bool:
+        """False when the judge could not read a label (paper A counts such answers as 0)."""
+        return self.style != UNPARSEABLE
+
 
 class Judge(Protocol):
     """Anything with a stable `id` (used in caches and reports) and a batch `judge` method."""
@@ -28,3 +44,9 @@ class Judge(Protocol):
     id: str
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]: ...
+
+
+def check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> None:
+    """Judges take parallel lists; a length mismatch is a caller bug worth a clear message."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
