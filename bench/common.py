@@ -1,0 +1,198 @@
+"""Shared helpers for the benchmark scripts: interleaved timing, medians, peak RSS, tables.
+
+Every speed figure in bench/ comes from variants timed side by side in one process, repeats
+interleaved (the order rotates each repeat) so that background load and thermal drift hit all
+variants alike, and the median of the repeats is reported. Nothing here is imported by the
+package or the tests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("REFUSALKIT_DATA", str(REPO.parent / "shared" / "datasets"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # peers (repeng) draw progress bars otherwise
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS so an RSS baseline is not inflated by garbage an
+    earlier variant left in glibc's free lists (no-op where glibc is absent)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class RssPeak:
+    """Resident-set size before a block and the peak seen while it ran (MiB)."""
+
+    start_mib: float = 0.0
+    peak_mib: float = 0.0
+
+    @property
+    def extra_mib(self) -> float:
+        return max(0.0, self.peak_mib - self.start_mib)
+
+
+@contextmanager
+def peak_rss(interval_s: float = 0.005) -> Iterator[RssPeak]:
+    """Sample this process's RSS on a thread while the block runs.
+
+    ru_maxrss is a lifetime maximum and cannot attribute memory to one step, and tracemalloc
+    does not see torch's allocator, so sampling RSS is the honest per-block measure. Short
+    spikes between samples can be missed; 5 ms is well below a forward pass here.
+    """
+    _trim_heap()
+    proc = psutil.Process()
+    rec = RssPeak()
+    rec.start_mib = rec.peak_mib = proc.memory_info().rss / 2**20
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            rec.peak_mib = max(rec.peak_mib, proc.memory_info().rss / 2**20)
+            stop.wait(interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield rec
+    finally:
+        stop.set()
+        thread.join()
+        rec.peak_mib = max(rec.peak_mib, proc.memory_info().rss / 2**20)
+
+
+@dataclass
+class Timings:
+    """Seconds per repeat for each variant, plus the last result each variant returned."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    rss: dict[str, list[RssPeak]] = field(default_factory=dict)
+
+    def median(self, name: str) -> float:
+        return median(self.seconds[name])
+
+    def spread(self, name: str) -> str:
+        xs = self.seconds[name]
+        return f"{min(xs):.2f}–{max(xs):.2f}" if xs else "-"
+
+
+def interleaved(variants: Mapping[str, Callable[[], Any]], repeats: int, *,
+                warmup: Mapping[str, Callable[[], Any]] | None = None,
+                track_rss: bool = False, log: Callable[[str], None] | None = None) -> Timings:
+    """Time each variant `repeats` times, rotating the order every repeat.
+
+    `warmup` (default: the variants themselves) runs once per variant, untimed, first: it
+    pays one-off costs (lazy kernels, page faults on the weights, tokenizer caches).
+    """
+    names = list(variants)
+    out = Timings({n: [] for n in names}, {}, {n: [] for n in names})
+    for name in names:
+        fn = variants[name] if warmup is None else warmup.get(name)
+        if fn is not None:
+            fn()
+    for rep in range(repeats):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            if track_rss:
+                with peak_rss() as rss:
+                    t0 = time.perf_counter()
+                    res = variants[name]()
+                    dt = time.perf_counter() - t0
+                out.rss[name].append(rss)
+            else:
+                t0 = time.perf_counter()
+                res = variants[name]()
+                dt = time.perf_counter() - t0
+            out.seconds[name].append(dt)
+            out.results[name] = res
+            if log is not None:
+                log(f"  repeat {rep + 1}/{repeats} {name}: {dt:.2f}s")
+    return out
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(x: Any) -> str:
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (goes at the top of RESULTS.md)."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": psutil.cpu_count(logical=True),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def load_note() -> str:
+    """One line on machine load; figures taken with load above the core count are noisy."""
+    la = os.getloadavg()
+    cores = psutil.cpu_count(logical=True) or 1
+    busy = " — MACHINE BUSY, timings are noisy" if la[0] > 1.5 * cores else ""
+    return f"load average {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} on {cores} cores{busy}"
+
+
+def emit(md: str, md_path: str | None, data: Mapping[str, Any] | None = None,
+         json_path: str | None = None) -> None:
+    """Print a bench's markdown section and, if asked, write it (and raw data) to files."""
+    print(md)
+    if md_path:
+        Path(md_path).write_text(md + "\n")
+    if json_path and data is not None:
+        Path(json_path).write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def say(msg: str) -> None:
+    """Progress on stderr (stdout carries the markdown section)."""
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)

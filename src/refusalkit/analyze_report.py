@@ -1,0 +1,258 @@
+"""Tables, figures, metrics and report of an `analyze` run (all rebuilt from stage results).
+
+Figures: cosine heatmap (splits + oracle directions), cosine vs depth, stability bars, layer
+profile (separability, participation ratio, PC count per layer), RR–ORR trade-off curves of
+every direction, style distributions. Every figure's numbers are also a table (JSON + CSV).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refusalkit import geometry as G
+from refusalkit import report as R
+from refusalkit.runs import RunDir
+from refusalkit.splits import AnalyzeConfig
+from refusalkit.styles import LEXICAL_STYLES
+
+
+def _r(x: Any, nd: int = 4) -> Any:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, nd)
+
+
+def _offdiag_stats(c: list[list[float]]) -> dict[str, float]:
+    import torch
+
+    off = G.off_diagonal(torch.tensor(c, dtype=torch.float64))
+    return {"min": float(off.min()), "median": float(off.median()), "mean": float(off.mean()),
+            "max": float(off.max())}
+
+
+def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools: dict,
+                  base: dict, eval_rows: dict, geo: dict, oracle: dict, sweeps: dict,
+                  summary: dict, unit_scale: float, judge_id: str) -> None:
+    names = geo["names"]
+    li = layer - 1
+    p0 = str(cfg.directions.positions[0])
+    sp = geo["splits"]
+
+    # ---- per-split table
+    split_rows = []
+    for n in names:
+        s = sp[n]
+        row = {"split": n, "n_refuse": s["n_refuse"], "n_benign": s["n_benign"],
+               "pool_refuse": s["pool_refuse"], "pool_benign": s["pool_benign"]}
+        for p, st in s["stability"].items():
+            row[f"stability@{p}"] = _r(st["stability"])
+            row[f"resample_n@{p}"] = st["n"]
+            row[f"overlap@{p}"] = _r(st["overlap"], 3)
+            proj = st[f"projected_at_{cfg.directions.n}"]
+            row[f"projected_n{cfg.directions.n}@{p}"] = _r(proj)
+        row.update({f"cos_pos{p0}_vs{p}": _r(v) for p, v in s["position_cosine"].items()
+                    if p != p0})
+        sep = s["separability"]
+        row.update({"separability": _r(sep[li]), "peak_layer": int(np.argmax(sep)) + 1,
+                    "participation_ratio": _r(s["participation_ratio"][li], 1),
+                    "pcs_leading": s["pcs"][li]["leading"],
+                    "pcs_minimal": s["pcs"][li]["minimal"],
+                    "pcs_captured": _r(s["pcs"][li]["captured"], 3)})
+        split_rows.append(row)
+    R.save_table(run, "splits", split_rows, section="Directions", order=1,
+                 caption=f"Per split at layer {layer}, position {p0}: stability = mean pairwise "
+                 "cosine of directions from independent (disjoint) resamples of resample_n "
+                 "prompts a side (overlap = share of prompts resamples have in common; "
+                 "projected = the stability expected at n prompts a side, 1/c − 1 ∝ 1/n); "
+                 "separability = cross-validated AUC; PR = "
+                 f"participation ratio; PCs = principal components holding "
+                 f"{cfg.stats.pc_fraction:.0%} of ‖δ‖².")
+
+    # ---- cosine matrices
+    cos = geo["cosine"][p0][li]
+    R.save_table(run, "cosine_matrix", [{"split": a, **{b: _r(cos[i][j]) for j, b in
+                                                        enumerate(names)}}
+                                        for i, a in enumerate(names)],
+                 section="Geometry", order=1,
+                 caption=f"Cosine similarity of split directions (layer {layer}, position {p0}).")
+    depth = [{"layer": j + 1, **{k: _r(v) for k, v in _offdiag_stats(geo["cosine"][p0][j]).items()}}
+             for j in range(len(geo["layers"]))]
+    R.save_table(run, "cosine_by_layer", depth, section="Geometry", order=3,
+                 caption="Off-diagonal cosines of the split directions at every layer.")
+    onames, ocos = oracle["names"], oracle["cosine"]
+    if onames:
+        R.save_table(run, "oracle_cosine", [{"direction": a, **{b: _r(ocos[i][j]) for j, b in
+                                                                 enumerate(onames)}}
+                                            for i, a in enumerate(onames)],
+                     section="Geometry", order=4,
+                     caption="Cosines of oracle bucket directions (HR, HC, BR, BC) with each "
+                     "other and with the split directions.")
+    R.save_table(run, "buckets", [{"bucket": b, "n": v} for b, v in oracle["sizes"].items()]
+                 + [{"bucket": f"{k} stability", "n": v["n"], "stability": _r(v["stability"]),
+                     "overlap": _r(v["overlap"], 3),
+                     f"projected_n{cfg.directions.n}": _r(v[f"projected_at_{cfg.directions.n}"])}
+                    for k, v in oracle["stability"].items()],
+                 section="Baseline", order=1,
+                 caption="Unsteered behaviour buckets (judged) and oracle-direction stability.")
+
+    # ---- layer profile (long format)
+    prof = [{"split": n, "layer": j + 1, "separability": _r(sp[n]["separability"][j]),
+             "stability": _r(sp[n]["stability"][p0]["by_layer"][j]),
+             "participation_ratio": _r(sp[n]["participation_ratio"][j], 1),
+             "pcs_leading": sp[n]["pcs"][j]["leading"], "pcs_minimal": sp[n]["pcs"][j]["minimal"],
+             "raw_norm": _r(sp[n]["raw_norm"][j])}
+            for n in names for j in range(len(geo["layers"]))]
+    R.save_table(run, "layer_profile", prof, section="Layers", order=1,
+                 caption="Where the signal lives, per split and layer.")
+
+    # ---- sweeps
+    sweep_rows = []
+    for d, pts in summary["curves"].items():
+        for p in pts:
+            sweep_rows.append({"direction": d, "condition": "add", "alpha": p["alpha"],
+                               "alpha_abs": _r(p["alpha"] * unit_scale), "rr": _r(p["rr"]),
+                               "orr": _r(p["orr"]), "acc": _r(p["acc"]),
+                               "n_harmful": p["n_harmful"], "n_benign": p["n_benign"]})
+        if d in summary["ablation"]:
+            a = summary["ablation"][d]
+            sweep_rows.append({"direction": d, "condition": "ablate", "alpha": None,
+                               "alpha_abs": None, "rr": _r(a["rr"]), "orr": _r(a["orr"]),
+                               "acc": _r(a["acc"]), "n_harmful": a["n_harmful"],
+                               "n_benign": a["n_benign"]})
+    R.save_table(run, "sweeps", sweep_rows, section="Trade-offs", order=1,
+                 caption=f"Judged ({judge_id}) refusal rate on harmful (RR), on benign (ORR) and "
+                 f"accuracy per α (α in units of {unit_scale:.3g}) and under ablation.")
+    cal_path = run.path / "stages" / "calibration.json"
+    if cal_path.is_file():
+        cal = json.loads(cal_path.read_text())
+        R.save_table(run, "calibration", [{k: _r(v) for k, v in st.items()}
+                                          for st in cal["ladder"]],
+                     section="Trade-offs", order=3,
+                     caption=f"Calibration of α_max on '{names[0]}': judged refusal share of "
+                     f"{cal['n_prompts']} complied benign prompts per ladder value (target "
+                     f"{cfg.sweep.calibrate_target:.0%}; "
+                     f"{'reached' if cal['reached'] else 'NOT reached'}); α grid = α_max × "
+                     f"{cfg.sweep.alphas}.")
+    gap = summary["gap"]
+    gap_rows = [{"pair": k, "max_gap": _r(v["max"]), "mean_gap": _r(v["mean"]),
+                 "rr_from": _r(v["rr_range"][0]), "rr_to": _r(v["rr_range"][1])}
+                for k, v in (gap.get("pairs") or {}).items()]
+    R.save_table(run, "tradeoff_gaps", gap_rows, section="Trade-offs", order=2,
+                 caption="|ΔORR| between two directions' curves at matched RR (linear "
+                 "interpolation over their shared RR range).")
+
+    # ---- styles
+    lex = summary["styles"]["lexical"]
+    style_rows = []
+    for d, labels in lex.items():
+        dist = G.distribution(labels, LEXICAL_STYLES)
+        shares = {s: _r(float(v), 3) for s, v in zip(LEXICAL_STYLES, dist, strict=True)}
+        style_rows.append({"direction": d, "n": len(labels), **shares})
+    R.save_table(run, "styles", style_rows, section="Styles", order=1,
+                 caption="Lexical style of each steered refusal (per prompt, at the largest α "
+                 "that made it refuse), share per direction.")
+    R.save_table(run, "markers", [{"direction": d, **{k: _r(v, 3) for k, v in m.items()}}
+                                  for d, m in summary["markers"].items()],
+                 section="Styles", order=2,
+                 caption="Share of steered refusals (all α) containing each lexical marker.")
+    test_rows = []
+    for src, t in summary["style_tests"].items():
+        o = t["overall"]
+        test_rows.append({"labels": src, "pair": "all directions", "statistic": _r(o["statistic"]),
+                          "p_value": _r(o["p_value"])})
+        for k, v in t["pairs"].items():
+            test_rows.append({"labels": src, "pair": k, "statistic": _r(v["jsd"]),
+                              "p_value": _r(v["p_value"]), "p_holm": _r(v["p_holm"])})
+    R.save_table(run, "style_tests", test_rows, section="Styles", order=3,
+                 caption="Style divergence: all directions = I(direction; style) in bits, "
+                 "pairs = Jensen–Shannon divergence (bits); permutation p-values, Holm-adjusted "
+                 "over pairs.")
+
+    from refusalkit.analyze_figures import draw_all
+
+    draw_all(run, cfg, layer, geo, oracle, summary, unit_scale)
+    _examples(run, eval_rows, sweeps, cfg.sweep.examples)
+    run.write_metrics(headline(cfg, model, layer, geo, oracle, summary, judge_id, run.path))
+    R.build_report(run)
+
+
+def headline(cfg: AnalyzeConfig, model: str, layer: int, geo: dict, oracle: dict,
+             summary: dict, judge_id: str, run_path: Path) -> dict[str, Any]:
+    """The numbers a reader needs first (metrics.json / report summary)."""
+    li, p0 = layer - 1, str(cfg.directions.positions[0])
+    stab = {n: geo["splits"][n]["stability"][p0]["stability"] for n in geo["names"]}
+    off = _offdiag_stats(geo["cosine"][p0][li])
+    out: dict[str, Any] = {
+        "model": model, "judge": judge_id, "layer": layer, "position": int(p0),
+        "splits": len(geo["names"]),
+        "stability_min": _r(min(stab.values())), "stability_median": _r(float(np.median(
+            list(stab.values())))),
+        "splits_below_0.9": sorted(n for n, v in stab.items() if v < 0.9),
+        "stability_projected_min": _r(min(
+            (geo["splits"][n]["stability"][p0][f"projected_at_{cfg.directions.n}"]
+             for n in geo["names"]), key=lambda v: -1.0 if math.isnan(v) else v)),
+        "cosine_min": _r(off["min"]), "cosine_median": _r(off["median"]),
+        "cosine_max": _r(off["max"]),
+        "buckets": oracle["sizes"],
+    }
+    names, ocos = oracle["names"], oracle["cosine"]
+    if "HR-BC" in names and "BR-BC" in names:
+        out["cos_HR-BC_BR-BC"] = _r(ocos[names.index("HR-BC")][names.index("BR-BC")])
+    split_idx = [names.index(n) for n in geo["names"]]
+    for k in ("HR-BC", "BR-BC"):
+        if k in names:  # the split direction closest to this oracle direction
+            row = ocos[names.index(k)]
+            best = max(split_idx, key=lambda j: row[j])
+            out[f"cos_{k}_max_split"] = [names[best], _r(row[best])]
+    for k in ("HR-BC", "BR-BC"):
+        if k in oracle["stability"]:
+            st = oracle["stability"][k]
+            out[f"stability_{k}"] = _r(st["stability"])
+            out[f"stability_{k}_n"] = st["n"]
+            out[f"stability_{k}_projected"] = _r(st[f"projected_at_{cfg.directions.n}"])
+    gap = summary["gap"]
+    if gap.get("max_gap") is not None:
+        out["tradeoff_max_gap"] = _r(gap["max_gap"])
+        out["tradeoff_max_gap_ci"] = [_r(x) for x in gap.get("max_gap_ci", [])]
+        out["tradeoff_max_pair"] = gap.get("max_pair")
+        out["tradeoff_mean_gap"] = _r(gap.get("mean_gap"))
+        out["tradeoff_mean_gap_ci"] = [_r(x) for x in gap.get("mean_gap_ci", [])]
+    cal_path = run_path / "stages" / "calibration.json"
+    if cal_path.is_file():
+        cal = json.loads(cal_path.read_text())
+        out["alpha_max"] = cal["alpha_max"]
+        out["alpha_max_reached_target"] = cal["reached"]
+    lex = summary["style_tests"].get("lexical", {}).get("overall", {})
+    out["style_MI_bits"] = _r(lex.get("statistic"))
+    out["style_p_value"] = _r(lex.get("p_value"))
+    return out
+
+
+def _examples(run: RunDir, eval_rows: dict, sweeps: dict, per_direction: int) -> None:
+    """Before/after rows: the unsteered response vs the largest-α response, per direction,
+    preferring prompts whose label changed."""
+    rows = []
+    for d, sw in sweeps.items():
+        adds = [c for c in sw["conditions"] if c["kind"] == "add"]
+        if not adds:
+            continue
+        top = max(adds, key=lambda c: c["alpha"])
+        cands = []
+        for side in ("harmful", "benign"):
+            for i, b in enumerate(eval_rows[side]):
+                a = top[side][i]
+                cands.append((a["refusal"] == b["refusal"], side, b, a))
+        cands.sort(key=lambda t: t[0])  # changed first (stable order otherwise)
+        for _, side, b, a in cands[:per_direction]:
+            rows.append({"dataset": d, "category": f"{side}/{b['bucket']}",
+                         "prompt": b["prompt"], "before_response": b["response"],
+                         "before_label": "refusal" if b["refusal"] else "compliance",
+                         "after_response": a["response"],
+                         "after_label": "refusal" if a["refusal"] else "compliance",
+                         "confidence": a["score"], "style": a["style"],
+                         "alpha": top["alpha"]})
+    R.save_examples(run, rows)
+

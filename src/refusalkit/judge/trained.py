@@ -1,0 +1,183 @@
+"""A judge learned from labelled responses: logistic regression on cheap evidence.
+
+Components (chosen when training, recorded in the weights file):
+- "patterns": the hand-written cues of `refusalkit.judge.features` (phrases, structure, length);
+- "embed": the all-MiniLM-L6-v2 sentence embedding of the response (what it *says*);
+- "prompt_embed": the embedding of the prompt (what was asked: some requests are rarely met);
+- "relevance": cosine similarity of the prompt's and the response's embeddings (whole response
+  and its first 200 characters) — deflection and topic drift answer something else;
+- "llm": the local LLM judge's label-token log-probs (log-softmax over refusal / partial /
+  compliance), for a heavier, model-backed variant;
+- "hidden@L": the local LLM judge's residual stream at layer L at the answer position, i.e.
+  what the judge model has understood about the pair (a linear probe; the most accurate
+  local judge measured, see tests/data/JUDGE_LABELS.md and the closing notes).
+Weights live as plain JSON in the package (data/judge/NAME.json; no pickle) and are trained
+only on the dev split by `python -m refusalkit.judge.train`. The output is binary: label
+refusal or compliance, score = tanh(logit / 2), style from `features.rule_style`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusalkit.errors import UserError
+from refusalkit.judge.base import Judgement, check_pairs
+from refusalkit.judge.embed import MiniLM
+from refusalkit.judge.features import FEATURES, features, rule_style
+from refusalkit.models import strip_thinking
+
+COMPONENTS = ("patterns", "embed", "prompt_embed", "relevance", "llm", "hidden@L")
+
+
+def needs_llm(components: Sequence[str]) -> bool:
+    return any(c == "llm" or c.startswith("hidden@") for c in components)
+
+
+def featurize(
+    components: Sequence[str], prompts: Sequence[str], responses: Sequence[str],
+    embedder: MiniLM | None = None, llm: Any = None,
+) -> torch.Tensor:
+    """Feature matrix [n, D] (float32) for the given components, in order."""
+    texts = [strip_thinking(r) for r in responses]
+    blocks: list[torch.Tensor] = []
+    for comp in components:
+        if comp == "patterns":
+            rows = [features(t, p) for t, p in zip(texts, prompts, strict=True)]
+            blocks.append(torch.tensor(rows, dtype=torch.float32))
+        elif comp == "embed":
+            embedder = embedder or MiniLM()
+            blocks.append(embedder.encode(texts))
+        elif comp == "prompt_embed":
+            embedder = embedder or MiniLM()
+            blocks.append(embedder.encode(list(prompts)))
+        elif comp == "relevance":
+            embedder = embedder or MiniLM()
+            q = embedder.encode(list(prompts))
+            whole = (q * embedder.encode(texts)).sum(-1)
+            head = (q * embedder.encode([t[:200] for t in texts])).sum(-1)
+            blocks.append(torch.stack([whole, head], dim=1))
+        elif comp == "llm":
+            if llm is None:
+                raise ValueError("the 'llm' component needs an LLMJudge")
+            logp, _ = llm.label_logits(prompts, texts)
+            blocks.append(logp.log_softmax(-1))
+        elif comp.startswith("hidden@"):
+            if llm is None:
+                raise ValueError(f"the '{comp}' component needs an LLMJudge")
+            _, hid = llm.label_logits(prompts, texts, hidden_layers=[int(comp[7:])])
+            blocks.append(hid[:, 0])
+        else:
+            raise ValueError(f"unknown component {comp}")
+    return torch.cat(blocks, dim=1)
+
+
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, steps: int = 200
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Standardised L2 logistic regression (LBFGS): returns mean, std, weights, bias."""
+    x, y = x.double(), y.double()
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mean) / std
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+    n = len(y)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = z @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        loss = loss + l2 * (w @ w) / (2 * n)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return mean.float(), std.float(), w.detach().float(), float(b.detach())
+
+
+@dataclass
+class TrainedJudge:
+    """Logistic-regression judge loaded from a JSON weights file."""
+
+    weights: dict[str, Any]
+    llm: Any = None
+    embedder: MiniLM | None = None
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        w = self.weights
+        self.components = tuple(w["components"])
+        self.mean = torch.tensor(w["mean"])
+        self.std = torch.tensor(w["std"])
+        self.coef = torch.tensor(w["coef"])
+        self.intercept = float(w["intercept"])
+        digest = hashlib.sha256(json.dumps(w, sort_keys=True).encode()).hexdigest()[:8]
+        suffix = f"+{self.llm.id}" if needs_llm(self.components) and self.llm else ""
+        self.id = f"trained:{w.get('name', 'custom')}-{digest}{suffix}"
+        if needs_llm(self.components) and self.llm is None:
+            raise UserError(f"judge weights '{w.get('name')}' need a local LLM judge model")
+
+    def logits(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        if self.embedder is None and {"embed", "prompt_embed", "relevance"} & set(
+                self.components):
+            self.embedder = MiniLM()
+        x = featurize(self.components, prompts, responses, self.embedder, self.llm)
+        return ((x - self.mean) / self.std) @ self.coef + self.intercept
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
+        check_pairs(prompts, responses)
+        if not prompts:
+            return []
+        out = []
+        zs = self.logits(prompts, responses).tolist()
+        for p, r, z in zip(prompts, responses, zs, strict=True):
+            label = "refusal" if z > 0 else "compliance"
+            out.append(Judgement(label, math.tanh(z / 2),  # type: ignore[arg-type]
+                                 rule_style(strip_thinking(r), label, p)))
+        return out
+
+
+def load_weights(name_or_path: str) -> dict[str, Any]:
+    """A packaged weights file by name (data/judge/NAME.json) or a JSON path."""
+    path = Path(name_or_path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UserError(f"judge weights file not found: {path}")
+        return json.loads(path.read_text("utf-8"))
+    res = resources.files("refusalkit").joinpath("data", "judge", f"{name_or_path}.json")
+    try:
+        return json.loads(res.read_text("utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"no packaged judge weights '{name_or_path}'") from None
+
+
+def weights_record(
+    name: str, components: Sequence[str], mean: torch.Tensor, std: torch.Tensor,
+    coef: torch.Tensor, intercept: float, meta: dict[str, Any],
+) -> dict[str, Any]:
+    names: list[str] = []
+    for comp in components:
+        if comp.startswith("hidden@"):
+            width = len(mean) - len(weights_record(name, [c for c in components if c != comp],
+                                                   mean[:0], std[:0], coef[:0], 0.0, {})
+                                    ["features"])
+            names += [f"{comp}:{i}" for i in range(width)]
+            continue
+        names += {"patterns": list(FEATURES), "embed": [f"embed{i}" for i in range(384)],
+                  "prompt_embed": [f"prompt_embed{i}" for i in range(384)],
+                  "relevance": ["relevance", "relevance_head"],
+                  "llm": ["llm_refusal", "llm_partial", "llm_compliance"]}[comp]
+    return {"name": name, "components": list(components), "features": names,
+            "mean": [round(v, 6) for v in mean.tolist()],
+            "std": [round(v, 6) for v in std.tolist()],
+            "coef": [round(v, 6) for v in coef.tolist()], "intercept": round(intercept, 6),
+            "meta": meta}
