@@ -61,22 +61,37 @@ def data_dirs() -> list[Path]:
     return dirs
 
 
+def read_jsonl(path: str | Path, required: Sequence[str] = ("prompt",),
+               what: str = "input file") -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a JSONL file whose rows must have text fields `required`;
+    any problem is one UserError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: row is not a JSON object")
+        for key in required:
+            if not isinstance(row.get(key), str):
+                raise UserError(f"{path}:{n}: row has no text field '{key}'")
+        rows.append((n, row))
+    return rows
+
+
 def _read_file(path: Path, field: str = "prompt") -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
     rows: list[dict[str, Any]] = []
     if suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise UserError(f"{path}:{n}: row has no text field '{field}'")
-            rows.append({**row, "prompt": row[field]})
+        rows = [{**row, "prompt": row[field]} for _, row in read_jsonl(path, (field,))]
     elif suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

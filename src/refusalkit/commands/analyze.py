@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         signal lives, steering sweeps (RR/ORR), trade-off gap and refusal style."""
         from refusalkit.analyze import analyze
         from refusalkit.commands.core import quiet_libraries
-        from refusalkit.config import load_config, parse_set, render_config
+        from refusalkit.config import cli_overrides, load_config, render_config
         from refusalkit.splits import AnalyzeConfig
 
         if print_config:
@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"--layer '{layer}' is not an index, a fraction or "
                                 "'middle'") from None
         flags = {"model": model, "judge": judge, "seed": seed, "directions.layer": layer_value}
-        cfg = load_config(config, AnalyzeConfig, {**parse_set(sets), **flags})
+        cfg = load_config(config, AnalyzeConfig, cli_overrides(sets, flags))
         opts = options(ctx)
         if not opts.progress:
             quiet_libraries()

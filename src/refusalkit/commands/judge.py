@@ -13,26 +13,13 @@ from refusalkit.errors import UserError
 if TYPE_CHECKING:
     from refusalkit.judge.cache import JudgementCache
 
-SPEC_HELP = "Judge spec: keyword, llm[:MODEL], openai:URL#MODEL, hybrid, ensemble:A+B, …"
+SPEC_HELP = "Judge spec: keyword, llm[:MODEL], openai:URL#MODEL, hybrid, probe, ensemble:A+B, …"
 
 
 def _read_responses(path: Path, response_field: str) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"input file not found: {path}")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{n}: row is not a JSON object")
-        for key in ("prompt", response_field):
-            if not isinstance(row.get(key), str):
-                raise UserError(f"{path}:{n}: row has no text field '{key}'")
-        rows.append(row)
+    from refusalkit.prompts import read_jsonl
+
+    rows = [row for _, row in read_jsonl(path, ("prompt", response_field))]
     if not rows:
         raise UserError(f"{path}: no rows to judge")
     return rows

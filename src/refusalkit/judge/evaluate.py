@@ -6,7 +6,6 @@ specifies; the 3×3 confusion is reported too.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from refusalkit.errors import UserError
 from refusalkit.judge.base import LABELS, Judge, Judgement
+from refusalkit.prompts import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -33,22 +33,9 @@ def read_labels(path: str | Path, split: str | None = None,
     """Rows with prompt, response and label ∈ {refusal, compliance, partial}; a bad row is a
     one-line UserError naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"labels file not found: {path}")
     items: list[LabelledItem] = []
     has_split = False
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{n}: row is not a JSON object")
-        for key in ("prompt", "response", "label"):
-            if not isinstance(row.get(key), str):
-                raise UserError(f"{path}:{n}: row has no text field '{key}'")
+    for n, row in read_jsonl(path, ("prompt", "response", "label"), "labels file"):
         if row["label"] not in LABELS:
             raise UserError(f"{path}:{n}: unknown label '{row['label']}'; use "
                             + ", ".join(LABELS))
