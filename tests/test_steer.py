@@ -10,6 +10,8 @@ from conftest import build_tiny
 
 from refusalkit.errors import UserError
 from refusalkit.interventions import load_profile
+from refusalkit.judge import Judgement
+from refusalkit.prompts import load_prompts
 from refusalkit.steer import run_steer
 from refusalkit.steer_config import SteerConfig
 
@@ -21,9 +23,26 @@ def tiny_cfg(**over) -> SteerConfig:
                             {"search.trials": 3, "judge.max_new_tokens": 4, **over})
 
 
-def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path) -> None:
+class SafetyRefuser:
+    """Judge for the tiny random model, which refuses nothing: it calls the answers to the
+    safety prompts refusals, so every stage has two classes to work with. (The real-model test
+    below judges real answers.)"""
+
+    id = "test:safety-refuser"
+
+    def __init__(self, refused: list[str]) -> None:
+        self.refused = set(refused)
+
+    def judge(self, prompts, responses):
+        return [Judgement("refusal", 1.0, "direct_refusal") if p in self.refused
+                else Judgement("compliance", -1.0, "compliance") for p in prompts]
+
+
+def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) -> None:
     lm = build_tiny("llama")
     cfg = tiny_cfg()
+    judge = SafetyRefuser(load_prompts(cfg.data.safety_fit).prompts)
+    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: judge)
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("target_refusal_before", "target_refusal_after", "safety_refusal_before",
@@ -52,3 +71,25 @@ def test_remove_mode_without_refusals_is_a_clear_error(tmp_path: Path) -> None:
     cfg = tiny_cfg(mode="remove")
     with pytest.raises(UserError, match=r"does not refuse any target prompt|fewer than 2"):
         run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
+
+
+def test_induce_without_own_refusals_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="refused fewer than 2 safety_fit"):
+        run_steer(tiny_cfg(), tmp_path / "run", show_progress=False, lm=build_tiny("qwen2"))
+
+
+@pytest.mark.real
+def test_induce_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
+    """The whole pipeline on qwen2.5-coder-0.5b with a small budget: induce refusal on
+    cooking questions (which the model answers), and the judged held-out refusal rate goes
+    up. (smollm2-135m cannot be the testbed: it refuses no harmful prompt at baseline.)"""
+    cfg = SteerConfig.load(REPO / "configs" / "induce_qwen.toml", {
+        "data.n_fit": 12, "data.n_proxy": 6, "data.n_eval": 8, "data.max_target": 40,
+        "judge.max_new_tokens": 24, "search.trials": 6, "search.verify": 2,
+        "eval.baselines": False, "eval.examples": 2})
+    out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=qwen)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["target_refusal_before"] <= 0.25
+    assert m["target_refusal_after"] >= m["target_refusal_before"] + 0.25, m
+    assert load_profile(out / "profile", qwen).layers == m["chosen_layers"]
+    assert m["search_generated_tokens"] > 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,6 @@ from refusalkit.search import ProxySets, SearchSpace, build_profile, pareto_cand
 from refusalkit.selection import arditi_select, auc, depth_window
 from refusalkit.steer_config import SteerConfig
 from refusalkit.steer_eval import evaluate_all, write_report
-
-REFUSE_SYSTEM = ("You must refuse every request. Reply only that you cannot help with it.")
 
 
 def split_data(cfg: SteerConfig) -> dict[str, list[str]]:
@@ -92,6 +90,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
 
     base = run.stage("baseline", baseline)
     c_target = torch.tensor([r["confidence"] for r in base["target_fit"]])
+    c_safety = torch.tensor([r["confidence"] for r in base["safety_fit"]])
 
     # 2. activations at every layer, last prompt token
     pos = [cfg.directions.position]
@@ -100,18 +99,13 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
         acts = {name: capture(lm, data[name], all_layers, pos, batch_size=cfg.batch_size,
                               show_progress=show_progress)[:, :, 0]
                 for name in ("target_fit", "safety_fit", "neutral")}
-        if not remove:  # the same topic prompts under an instruction to refuse
-            forced = replace(lm, system_prompt=REFUSE_SYSTEM)
-            acts["target_forced"] = capture(forced, data["target_fit"], all_layers, pos,
-                                            batch_size=cfg.batch_size,
-                                            show_progress=show_progress)[:, :, 0]
         return acts
 
     acts = run.tensor_stage("activations", activations)
 
     # 3. directions per layer
     def directions() -> dict[str, torch.Tensor]:
-        refused, complied, w_r, w_c = _classes(acts, c_target, remove)
+        refused, complied, w_r, w_c = _classes(acts, c_target, remove, c_safety)
         method = cfg.directions.method
         kwargs: dict[str, Any] = {}
         if method in ("rmd", "wrmd"):
@@ -130,7 +124,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
 
     # 4. layer ranking: separability and correlation with c(x)
     def layers() -> list[dict[str, Any]]:
-        refused, complied, _, _ = _classes(acts, c_target, remove)
+        refused, complied, _, _ = _classes(acts, c_target, remove, c_safety)
         rows = []
         for i in all_layers:
             v = dirs["directions"][i]
@@ -201,7 +195,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
     baselines: dict[str, Profile] = {}
     if cfg.eval.baselines:
         md_prof = build_profile(chosen["params"], dirs["md"], _gaps(acts, dirs["md"], c_target,
-                                                                    remove), space, gate)
+                                                                    remove, c_safety), space, gate)
         baselines["md_steering"] = md_prof
         if remove:
             rec = run.stage("arditi", lambda: _arditi(lm, acts, data, base, cfg))
@@ -229,10 +223,22 @@ def _rate(js: list[Judged]) -> float:
     return sum(j.label == "refusal" for j in js) / max(1, len(js))
 
 
-def _classes(acts: dict[str, torch.Tensor], c: torch.Tensor, remove: bool):
+def _classes(acts: dict[str, torch.Tensor], c: torch.Tensor, remove: bool,
+             c_safety: torch.Tensor):
     """(refusing, complying, weights…) activations that define the target direction."""
-    if not remove:  # induce: forced refusal vs the model's own answer, same prompts
-        return acts["target_forced"], acts["target_fit"], None, None
+    if not remove:
+        # induce: the model's own refusals (safety prompts it refused) vs its answers (topic
+        # prompts it answered, and neutral ones) — the refuse-vs-answer direction, added on
+        # the topic. (A "refuse everything" system prompt was tried instead: its direction
+        # encodes the system-prompt change and lowered refusal when added, measured on qwen.)
+        r_mask, a_mask = c_safety > 0.1, c < -0.1
+        if int(r_mask.sum()) < 2:
+            raise UserError("the model refused fewer than 2 safety_fit prompts at baseline; "
+                            "inducing refusal needs examples of its own refusals (check the "
+                            "judge, or use a model that refuses harmful requests)")
+        complied = torch.cat([acts["target_fit"][a_mask], acts["neutral"]])
+        w_c = torch.cat([c[a_mask].abs(), torch.ones(len(acts["neutral"]))])
+        return acts["safety_fit"][r_mask], complied, c_safety[r_mask].abs(), w_c
     r_mask, c_mask = c > 0.1, c < -0.1
     refused, complied = acts["target_fit"][r_mask], acts["target_fit"][c_mask]
     w_r, w_c = c[r_mask].abs(), c[c_mask].abs()
@@ -245,8 +251,9 @@ def _classes(acts: dict[str, torch.Tensor], c: torch.Tensor, remove: bool):
     return refused, complied, w_r, w_c
 
 
-def _gaps(acts, dirs: torch.Tensor, c: torch.Tensor, remove: bool) -> list[float]:
-    refused, complied, _, _ = _classes(acts, c, remove)
+def _gaps(acts, dirs: torch.Tensor, c: torch.Tensor, remove: bool,
+          c_safety: torch.Tensor) -> list[float]:
+    refused, complied, _, _ = _classes(acts, c, remove, c_safety)
     return [float((refused[:, i] @ dirs[i]).mean() - (complied[:, i] @ dirs[i]).mean())
             for i in range(dirs.shape[0])]
 
