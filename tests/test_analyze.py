@@ -214,8 +214,9 @@ def test_small_real_run_on_qwen(qwen, tmp_path):
             if r["direction"] == "core_safety"]
     adds = [r for r in rows if r["condition"] == "add"]
     assert [r["alpha"] for r in adds] == [0.0, 0.5, 1.0]
-    # steering along the core direction really induces refusal on qwen
-    assert adds[-1]["rr"] > adds[0]["rr"] and adds[-1]["orr"] > adds[0]["orr"]
+    # steering along the core direction really induces refusal on qwen: benign prompts it
+    # answered are refused; harmful ones stay refused (2 + 2 prompts per side: coarse steps)
+    assert adds[-1]["rr"] >= adds[0]["rr"] and adds[-1]["orr"] > adds[0]["orr"]
     assert adds[-1]["orr"] >= 0.5
     abl = next(r for r in rows if r["condition"] == "ablate")
     assert abl["rr"] < adds[0]["rr"]  # ablating it removes refusal of harmful prompts
