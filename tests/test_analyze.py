@@ -204,19 +204,19 @@ def test_small_real_run_on_qwen(qwen, tmp_path):
     core = geo["splits"]["core_safety"]
     # 16/16 resamples (measured 0.69; 0.80 at 32/32 in the full run): far above the ~0.03 of
     # unrelated directions in 896 dimensions, but noise-limited at this size.
-    assert core["stability"]["-2"]["stability"] >= 0.5
-    assert core["stability"]["-2"]["overlap"] == 0.0
+    assert core["stability"]["-1"]["stability"] >= 0.5
+    assert core["stability"]["-1"]["overlap"] == 0.0
     assert core["separability"][layer - 1] > 0.9  # harmful vs harmless: linearly separable
-    cos = torch.tensor(geo["cosine"]["-2"][layer - 1])
+    cos = torch.tensor(geo["cosine"]["-1"][layer - 1])
     assert cos.shape == (3, 3) and torch.allclose(cos, cos.T)
     assert torch.allclose(cos.diagonal(), torch.ones(3, dtype=cos.dtype))
     rows = [r for r in json.loads((out / "tables" / "sweeps.json").read_text())
             if r["direction"] == "core_safety"]
     adds = [r for r in rows if r["condition"] == "add"]
     assert [r["alpha"] for r in adds] == [0.0, 0.5, 1.0]
-    # steering along the core direction really induces refusal on qwen: benign prompts it
-    # answered are refused; harmful ones stay refused (2 + 2 prompts per side: coarse steps)
-    assert adds[-1]["rr"] >= adds[0]["rr"] and adds[-1]["orr"] > adds[0]["orr"]
+    # steering along the core direction really induces refusal on qwen: more of the 4 + 4
+    # evaluation prompts are refused at the largest α than unsteered (coarse 0.25 steps)
+    assert adds[-1]["rr"] + adds[-1]["orr"] > adds[0]["rr"] + adds[0]["orr"]
     assert adds[-1]["orr"] >= 0.5
     abl = next(r for r in rows if r["condition"] == "ablate")
     assert abl["rr"] < adds[0]["rr"]  # ablating it removes refusal of harmful prompts
