@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from refusalkit.generation import eos_ids
 from refusalkit.interventions import Profile, steer
 from refusalkit.models import LoadedModel
 
@@ -361,15 +362,6 @@ def _chunks(jobs: list[Job], max_rows: int) -> list[list[Job]]:
         else:
             out.append([job])
     return out
-
-
-def eos_ids(lm: LoadedModel) -> set[int]:
-    """Every token id that ends an answer (generation config and tokenizer)."""
-    eos = lm.model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if lm.tokenizer.eos_token_id is not None:
-        ids.add(lm.tokenizer.eos_token_id)
-    return ids
 
 
 def request_id() -> str:

@@ -37,7 +37,8 @@ class Generation:
         return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
 
 
-def _eos_ids(lm: LoadedModel) -> set[int]:
+def eos_ids(lm: LoadedModel) -> set[int]:
+    """Every token id that ends an answer (generation config and tokenizer)."""
     eos = lm.model.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if lm.tokenizer.eos_token_id is not None:
@@ -73,7 +74,7 @@ def generate(
     texts = list(prompts) if formatted else [lm.format(p) for p in prompts]
     tok = lm.tokenizer
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    eos = _eos_ids(lm)
+    eos = eos_ids(lm)
     results: list[list[Generation]] = [[] for _ in prompts]
     # Samples share a prompt's batch, so shrink the prompt batch to keep rows bounded.
     per_batch = max(1, batch_size // k)

@@ -28,6 +28,7 @@ from refusalkit.models import LoadedModel
 DEFAULT_LLM = "qwen2.5-coder-0.5b"
 HYBRID_WEIGHTS = "hybrid_v1"
 PROBE_WEIGHTS = "probe_qwen_v1"
+PACKAGED = {"hybrid": HYBRID_WEIGHTS, "probe": PROBE_WEIGHTS}  # short names of trained judges
 SPEC_HELP = ("keyword, keyword:classic, llm[:MODEL], openai:BASE_URL#MODEL, hybrid, probe, "
              "trained:NAME[@MODEL] or ensemble:SPEC+SPEC")
 
@@ -99,10 +100,8 @@ def make_judge(spec: str, *, lm: LoadedModel | None = None,
         return llm_judge(rest or DEFAULT_LLM)
     if kind == "openai":
         return _openai(rest, api_key_env)
-    if spec == "hybrid":
-        rest, kind = HYBRID_WEIGHTS, "trained"
-    if spec == "probe":
-        rest, kind = PROBE_WEIGHTS, "trained"
+    if spec in PACKAGED:
+        kind, rest = "trained", PACKAGED[spec]
     if kind == "trained" and rest:
         name, _, model = rest.partition("@")
         weights = load_weights(name)

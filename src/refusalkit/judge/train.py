@@ -64,9 +64,10 @@ def train_trained(items: list[LabelledItem], components: list[str], name: str,
                   llm_model: str | None, source: str, x: torch.Tensor | None = None) -> dict:
     """Fit on `items`; `x` passes precomputed features (same components, same order)."""
     from refusalkit.judge.llm import LLMJudge
+    from refusalkit.judge.spec import DEFAULT_LLM
 
     if x is None:
-        llm = LLMJudge(llm_model or "qwen2.5-coder-0.5b", styles=False, bias=0.0) if needs_llm(
+        llm = LLMJudge(llm_model or DEFAULT_LLM, styles=False, bias=0.0) if needs_llm(
             components) else None
         x = featurize(components, [i.prompt for i in items], [i.response for i in items],
                       llm=llm)

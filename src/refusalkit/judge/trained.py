@@ -46,35 +46,45 @@ def featurize(
     components: Sequence[str], prompts: Sequence[str], responses: Sequence[str],
     embedder: MiniLM | None = None, llm: Any = None,
 ) -> torch.Tensor:
-    """Feature matrix [n, D] (float32) for the given components, in order."""
+    """Feature matrix [n, D] (float32) for the given components, in order.
+
+    Each text list is embedded once and the LLM reads the pairs once, however many
+    components use them (embed + relevance share the response embeddings)."""
     texts = [strip_thinking(r) for r in responses]
+    hidden = [int(c[7:]) for c in components if c.startswith("hidden@")]
+    if needs_llm(components):
+        if llm is None:
+            raise ValueError(f"components {list(components)} need an LLMJudge")
+        logp, hid = llm.label_logits(prompts, texts, hidden_layers=hidden)
+    encoded: dict[str, torch.Tensor] = {}
+
+    def encode(key: str) -> torch.Tensor:
+        nonlocal embedder
+        if key not in encoded:
+            embedder = embedder or MiniLM()
+            items = {"texts": texts, "prompts": list(prompts),
+                     "heads": [t[:200] for t in texts]}[key]
+            encoded[key] = embedder.encode(items)
+        return encoded[key]
+
     blocks: list[torch.Tensor] = []
     for comp in components:
         if comp == "patterns":
             rows = [features(t, p) for t, p in zip(texts, prompts, strict=True)]
             blocks.append(torch.tensor(rows, dtype=torch.float32))
         elif comp == "embed":
-            embedder = embedder or MiniLM()
-            blocks.append(embedder.encode(texts))
+            blocks.append(encode("texts"))
         elif comp == "prompt_embed":
-            embedder = embedder or MiniLM()
-            blocks.append(embedder.encode(list(prompts)))
+            blocks.append(encode("prompts"))
         elif comp == "relevance":
-            embedder = embedder or MiniLM()
-            q = embedder.encode(list(prompts))
-            whole = (q * embedder.encode(texts)).sum(-1)
-            head = (q * embedder.encode([t[:200] for t in texts])).sum(-1)
+            q = encode("prompts")
+            whole = (q * encode("texts")).sum(-1)
+            head = (q * encode("heads")).sum(-1)
             blocks.append(torch.stack([whole, head], dim=1))
         elif comp == "llm":
-            if llm is None:
-                raise ValueError("the 'llm' component needs an LLMJudge")
-            logp, _ = llm.label_logits(prompts, texts)
             blocks.append(logp.log_softmax(-1))
         elif comp.startswith("hidden@"):
-            if llm is None:
-                raise ValueError(f"the '{comp}' component needs an LLMJudge")
-            _, hid = llm.label_logits(prompts, texts, hidden_layers=[int(comp[7:])])
-            blocks.append(hid[:, 0])
+            blocks.append(hid[:, hidden.index(int(comp[7:]))])
         else:
             raise ValueError(f"unknown component {comp}")
     return torch.cat(blocks, dim=1)
@@ -164,18 +174,17 @@ def weights_record(
     name: str, components: Sequence[str], mean: torch.Tensor, std: torch.Tensor,
     coef: torch.Tensor, intercept: float, meta: dict[str, Any],
 ) -> dict[str, Any]:
+    fixed = {"patterns": list(FEATURES), "embed": [f"embed{i}" for i in range(384)],
+             "prompt_embed": [f"prompt_embed{i}" for i in range(384)],
+             "relevance": ["relevance", "relevance_head"],
+             "llm": ["llm_refusal", "llm_partial", "llm_compliance"]}
+    hidden = [c for c in components if c.startswith("hidden@")]
+    # a hidden-state block is as wide as the judge model; that width is what is left over
+    width = (len(mean) - sum(len(fixed[c]) for c in components if c in fixed)) // max(
+        1, len(hidden))
     names: list[str] = []
     for comp in components:
-        if comp.startswith("hidden@"):
-            width = len(mean) - len(weights_record(name, [c for c in components if c != comp],
-                                                   mean[:0], std[:0], coef[:0], 0.0, {})
-                                    ["features"])
-            names += [f"{comp}:{i}" for i in range(width)]
-            continue
-        names += {"patterns": list(FEATURES), "embed": [f"embed{i}" for i in range(384)],
-                  "prompt_embed": [f"prompt_embed{i}" for i in range(384)],
-                  "relevance": ["relevance", "relevance_head"],
-                  "llm": ["llm_refusal", "llm_partial", "llm_compliance"]}[comp]
+        names += fixed[comp] if comp in fixed else [f"{comp}:{i}" for i in range(width)]
     return {"name": name, "components": list(components), "features": names,
             "mean": [round(v, 6) for v in mean.tolist()],
             "std": [round(v, 6) for v in std.tolist()],
