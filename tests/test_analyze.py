@@ -136,6 +136,42 @@ def test_interrupted_sweep_resumes_from_the_next_direction(tmp_path, monkeypatch
     assert "stage sweep-harm: reused" in log and "stage sweep-other: stored" in log
 
 
+def test_sweeps_can_steer_at_another_layer_and_position(tmp_path, monkeypatch):
+    """Geometry stays at (layer 2, position -2) while the sweeps take each split's direction
+    at (layer 3, position -1) and add it there; calibration uses the same site."""
+    import refusalkit.analyze as A
+    from safetensors.torch import load_file
+
+    lm = build_tiny("llama")
+    cfg = _tiny_config(tmp_path, sweep={"oracle": ["HC-BC"], "layer": 3, "position": -1})
+    seen: dict[str, tuple[torch.Tensor, int]] = {}
+    swept: list[tuple[torch.Tensor, int]] = []
+    real_sweep, real_cal = A.sweep_direction, A.calibrate
+
+    def spy(lm_, judge, cfg_, vector, layer, *a, **k):
+        swept.append((vector.clone(), layer))
+        return real_sweep(lm_, judge, cfg_, vector, layer, *a, **k)
+
+    def spy_cal(lm_, judge, cfg_, vector, layer, *a, **k):
+        seen["cal"] = (vector.clone(), layer)
+        return real_cal(lm_, judge, cfg_, vector, layer, *a, **k)
+
+    monkeypatch.setattr(A, "sweep_direction", spy)
+    monkeypatch.setattr(A, "calibrate", spy_cal)
+    out = analyze(cfg, tmp_path / "run", lm=lm, show_progress=False)
+    dirs = load_file(str(out / "stages" / "directions.safetensors"))["dirs"]  # [S, P, L, d]
+    assert seen["cal"][1] == 3 and torch.allclose(seen["cal"][0], dirs[0, 1, 2])
+    assert len(swept) == 3 and {layer for _, layer in swept} == {3}  # harm, other, HC-BC
+    assert torch.allclose(swept[0][0], dirs[0, 1, 2]) and torch.allclose(swept[1][0],
+                                                                        dirs[1, 1, 2])
+    assert not torch.allclose(swept[0][0], dirs[0, 0, 1])  # not the geometry site
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["layer"], metrics["position"]) == (2, -2)
+    assert (metrics["sweep_layer"], metrics["sweep_position"]) == (3, -1)
+    with pytest.raises(ValueError, match="sweep.position"):
+        _tiny_config(tmp_path, sweep={"position": -3})
+
+
 def test_config_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[[splits]]\nname = "a"\nrefuse = "harmful_train"\nbenign = "harmless_train"'

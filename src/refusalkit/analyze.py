@@ -104,25 +104,35 @@ def _pipeline(run: RunDir, cfg: AnalyzeConfig, lm: LoadedModel, judge: Judge, la
     chosen = choose_eval(base, cfg.buckets.eval_per_bucket, cfg.seed)
     eval_rows = run.stage("eval_baseline", lambda: unsteered_eval(lm, judge, cfg, chosen,
                                                                   show_progress))
-    vectors = swept_vectors(cfg, geo_t, oracle_t, layer)
+    sl, pi = sweep_site(cfg, lm.n_layers, layer)
+    vectors = swept_vectors(cfg, geo_t, buckets, rows, sl, pi)
     unit_scale = 1.0
     if cfg.sweep.alpha_unit == "core_norm":
-        unit_scale = float(geo_t["raw_norm"][0, 0, layer - 1])
+        unit_scale = float(geo_t["raw_norm"][0, pi, sl - 1])
     scale = unit_scale
     if cfg.sweep.calibrate:
         cal = run.stage("calibration", lambda: calibrate(
-            lm, judge, cfg, geo_t["dirs"][0, 0, layer - 1], layer, unit_scale, eval_rows,
+            lm, judge, cfg, geo_t["dirs"][0, pi, sl - 1], sl, unit_scale, eval_rows,
             show_progress))
         scale = unit_scale * cal["alpha_max"]
     alphas_abs = [a * scale for a in cfg.sweep.alphas]
     sweeps = run_sweeps(list(vectors), run.stage, lambda n: sweep_direction(
-        lm, judge, cfg, vectors[n], layer, alphas_abs, eval_rows, show_progress))
+        lm, judge, cfg, vectors[n], sl, alphas_abs, eval_rows, show_progress))
     summary = run.stage("summary", lambda: summarize(cfg, eval_rows, sweeps))
+    summary["site"] = {"layer": sl, "position": cfg.directions.positions[pi]}
 
     from refusalkit.analyze_report import write_outputs
 
     write_outputs(run, cfg, lm.name, layer, pools, base, eval_rows, geo, oracle, sweeps,
                   summary, scale, judge.id)
+
+
+def sweep_site(cfg: AnalyzeConfig, n_layers: int, layer: int) -> tuple[int, int]:
+    """(steering layer, index into directions.positions) of the sweeps."""
+    sl = layer if cfg.sweep.layer is None else resolve_layer(cfg.sweep.layer, n_layers,
+                                                             "sweep.layer")
+    p = cfg.sweep.position
+    return sl, 0 if p is None else cfg.directions.positions.index(p)
 
 
 def _unique(items: list[str]) -> list[str]:
@@ -234,12 +244,18 @@ def oracle_geometry(cfg: AnalyzeConfig, buckets: dict[str, list[str]], rows,
 
 
 def swept_vectors(cfg: AnalyzeConfig, geo_t: dict[str, torch.Tensor],
-                  oracle_t: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    """Directions to sweep, in order: splits with sweep = true, then configured oracles."""
-    out = {s.name: geo_t["dirs"][i, 0, layer - 1] for i, s in enumerate(cfg.splits) if s.sweep}
+                  buckets: dict[str, list[str]], rows, layer: int, pi: int
+                  ) -> dict[str, torch.Tensor]:
+    """Directions to sweep at (layer, position index pi), in order: splits with
+    sweep = true, then configured oracle bucket directions (skipped if a bucket is empty)."""
+    out = {s.name: geo_t["dirs"][i, pi, layer - 1] for i, s in enumerate(cfg.splits)
+           if s.sweep}
+    k = cfg.buckets.n_oracle
     for name in cfg.sweep.oracle:
-        if name in oracle_t:
-            out[name] = oracle_t[name][layer - 1]
+        a, b = ORACLES[name]
+        if buckets[a] and buckets[b]:
+            out[name] = G.mean_difference_dirs(rows(buckets[a][:k])[:, layer - 1, pi],
+                                               rows(buckets[b][:k])[:, layer - 1, pi])
     return out
 
 

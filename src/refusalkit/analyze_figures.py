@@ -144,8 +144,11 @@ def _tradeoff(run: RunDir, summary: dict, unit_scale: float) -> None:
         sub = f"; largest ORR gap at matched RR {gap['max_gap']:.2f}"
         if lo is not None:
             sub += f" (95 % CI {lo:.2f}–{hi:.2f})"
+    site = summary.get("site")
+    where = f" at layer {site['layer']}, position {site['position']}" if site else ""
     R.save_figure(run, "tradeoff_curves", fig, section="Trade-offs", order=0,
-                  caption="RR–ORR trade-off of activation addition along each direction (dots: "
+                  caption=f"RR–ORR trade-off of activation addition{where} along each "
+                  "direction (dots: "
                   f"α = 0 and the α grid, unit {unit_scale:.3g}; dashed: oracle directions; "
                   f"x: directional ablation){sub}.")
 

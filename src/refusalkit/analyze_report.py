@@ -124,7 +124,9 @@ def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools
                                "n_benign": a["n_benign"]})
     R.save_table(run, "sweeps", sweep_rows, section="Trade-offs", order=1,
                  caption=f"Judged ({judge_id}) refusal rate on harmful (RR), on benign (ORR) and "
-                 f"accuracy per α (α in units of {unit_scale:.3g}) and under ablation.")
+                 f"accuracy per α (α in units of {unit_scale:.3g}) and under ablation; directions "
+                 f"taken and added at layer {summary['site']['layer']}, position "
+                 f"{summary['site']['position']}.")
     cal_path = run.path / "stages" / "calibration.json"
     if cal_path.is_file():
         cal = json.loads(cal_path.read_text())
@@ -197,6 +199,7 @@ def headline(cfg: AnalyzeConfig, model: str, layer: int, geo: dict, oracle: dict
         "cosine_min": _r(off["min"]), "cosine_median": _r(off["median"]),
         "cosine_max": _r(off["max"]),
         "buckets": oracle["sizes"],
+        "sweep_layer": summary["site"]["layer"], "sweep_position": summary["site"]["position"],
     }
     names, ocos = oracle["names"], oracle["cosine"]
     if "HR-BC" in names and "BR-BC" in names:

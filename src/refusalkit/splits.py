@@ -109,6 +109,13 @@ class SweepConfig(ConfigModel):
                                     "α_max must reach on the calibration prompts.")
     calibrate_prompts: int = Field(8, ge=1, description="Complied benign evaluation prompts "
                                    "used for calibration.")
+    layer: int | float | Literal["middle"] | None = Field(
+        None, description="Steering layer of the sweeps (index, depth fraction or \"middle\"); "
+        "unset = directions.layer. A split's direction is re-read at this layer, so the "
+        "geometry can stay at paper B's site while the sweeps steer where the model's "
+        "refusal direction is causal.")
+    position: int | None = Field(None, description="Which of directions.positions the swept "
+                                 "directions are taken at; unset = the primary (first) one.")
     ablation: bool = Field(True, description="Also ablate each direction at every layer.")
     oracle: list[Literal["HR-BC", "BR-BC", "HC-BC", "HR-HC"]] = Field(
         ["HR-BC", "BR-BC"], description="Oracle bucket directions swept besides the splits.")
@@ -157,10 +164,15 @@ class AnalyzeConfig(ConfigModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"split names must be unique; repeated: {', '.join(dup)}")
+        if self.sweep.position is not None and self.sweep.position not in \
+                self.directions.positions:
+            raise ValueError(f"sweep.position {self.sweep.position} must be one of "
+                             f"directions.positions {self.directions.positions}")
         return self
 
 
-def resolve_layer(spec: int | float | str, n_layers: int) -> int:
+def resolve_layer(spec: int | float | str, n_layers: int, key: str = "directions.layer"
+                  ) -> int:
     """Layer index from an int, a depth fraction or "middle" (resid_pre, 1 … n_layers − 1)."""
     if spec == "middle":
         layer = n_layers // 2
@@ -169,10 +181,10 @@ def resolve_layer(spec: int | float | str, n_layers: int) -> int:
     elif isinstance(spec, int) or (isinstance(spec, float) and spec.is_integer()):
         layer = int(spec)
     else:
-        raise UserError(f"directions.layer {spec!r} is not a layer index, a fraction in (0, 1) "
+        raise UserError(f"{key} {spec!r} is not a layer index, a fraction in (0, 1) "
                         "or \"middle\"")
     if not 1 <= layer < n_layers:
-        raise UserError(f"directions.layer {spec!r} gives layer {layer}; the model has "
+        raise UserError(f"{key} {spec!r} gives layer {layer}; the model has "
                         f"{n_layers} layers, use 1 … {n_layers - 1}")
     return layer
 
