@@ -101,7 +101,12 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
         say(f"  trial {trial['number']}: target {rows[-1]['target_refusal']:.2f} keep "
             f"{rows[-1]['keep_refusal']:.2f} kl {trial['kl']:.3f}")
     seconds = time.perf_counter() - t0
-    chosen = steer_mod._choose(rows, base, remove, cfg.search.safety_keep, keep)
+    # Same budget rule as the pipeline (search.pareto_candidates): only trials within the KL
+    # budget compete, the lowest-KL ones when none is.
+    within = [r for r in rows if r["kl"] <= cfg.search.kl_max]
+    if not within:
+        within = sorted(rows, key=lambda r: r["kl"])[: max(1, cfg.search.verify)]
+    chosen = steer_mod._choose(within, base, remove, cfg.search.safety_keep, keep)
     return {"rows": rows, "generated_tokens": tokens, "seconds": seconds, "chosen": chosen,
             "n_target": len(t_set), "n_keep": len(keep)}
 
@@ -176,8 +181,9 @@ def main() -> None:
         md_table(["ratio", "value"], [(k, v) for k, v in ratios.items()]),
         "",
         f"Judged rates of the verified candidates identical in both passes: {agree}. "
-        f"Objective: lowest judged target refusal among trials that keep ≥ "
-        f"{cfg.search.safety_keep:.0%} of the baseline safety refusal (the pipeline's rule).",
+        f"Objective (the pipeline's rule for both): among trials with neutral KL ≤ "
+        f"{cfg.search.kl_max:g}, the lowest judged target refusal that keeps ≥ "
+        f"{cfg.search.safety_keep:.0%} of the baseline safety refusal.",
     ])
     emit(md, args.md, {"config": str(args.config), "config_toml": d, "overrides": over,
                        "timings": timings, "proxy": {"seconds": proxy_s, **verified},
