@@ -23,7 +23,7 @@ from refusalkit.judge.evaluate import auc, binary_metrics, read_labels
 from refusalkit.judge.spec import make_judge
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_JUDGES = "keyword:classic,keyword,llm:qwen2.5-coder-0.5b,hybrid"
+DEFAULT_JUDGES = "keyword:classic,keyword,llm:qwen2.5-coder-0.5b,hybrid,probe"
 
 
 def main() -> None:

@@ -92,8 +92,9 @@ def main() -> None:
         cap_counts, cap_lens, cap_len_n = [16, 32, 64], [32, 64, 128], 16
         gen_counts, gen_lens, gen_len_n, new = [4, 8, 16], [32, 64, 128], 8, 8
     else:
-        cap_counts, cap_lens, cap_len_n = [64, 128, 256], [64, 128, 256, 512], 32
-        gen_counts, gen_lens, gen_len_n, new = [16, 32, 64], [64, 128, 256], 16, 32
+        # sized for about 6 min on 2 cores; pass larger sizes by editing here
+        cap_counts, cap_lens, cap_len_n = [32, 64, 128], [64, 128, 256, 512], 16
+        gen_counts, gen_lens, gen_len_n, new = [8, 16, 32], [64, 128, 256], 8, 16
 
     lm = load_model(args.model)
     layers = default_layers(lm.n_layers)

@@ -118,15 +118,17 @@ def _read(path: Path) -> Any:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=REPO / "configs" / "demo.toml")
-    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--trials", type=int, default=None, help="default 8 (--quick: 4)")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default: temporary)")
-    ap.add_argument("--quick", action="store_true", help="4 trials, smaller prompt sets")
+    ap.add_argument("--quick", action="store_true", help="4 trials unless --trials, smaller "
+                    "prompt sets, 16-token answers")
     ap.add_argument("--md", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    over: dict[str, Any] = {"search.trials": args.trials, "eval.baselines": False}
+    trials = args.trials or (4 if args.quick else 8)
+    over: dict[str, Any] = {"search.trials": trials, "eval.baselines": False}
     if args.quick:
-        over.update({"search.trials": min(args.trials, 4), "data.max_target": 24,
+        over.update({"data.max_target": 24,
                      "data.n_fit": 8, "data.n_proxy": 4, "judge.max_new_tokens": 16})
     cfg = load_config(args.config, SteerConfig, over)
     lm = load_model(cfg.model)

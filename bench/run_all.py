@@ -1,6 +1,6 @@
 """Run the benchmarks and write bench/RESULTS.md (what `make bench` does).
 
-    python bench/run_all.py                         # default set, full sizes (~30-40 min)
+    python bench/run_all.py                         # default set (~35-45 min on 2 cores)
     python bench/run_all.py --quick                 # small sizes, a few minutes
     python bench/run_all.py --benches activations,generation --out /tmp/r.md
     python bench/run_all.py --list
@@ -42,17 +42,20 @@ class Bench:
 
 
 BENCHES: dict[str, Bench] = {
+    # Default sizes keep `make bench` to about 40 minutes on 2 cores; each script's own
+    # defaults (e.g. 256 prompts for activations) are larger.
     "activations": Bench("bench_activations.py", "activation capture vs bare passes and peers",
-                         model_flag=True),
+                         args=("--n", "64"), model_flag=True),
     "generation": Bench("bench_generation.py", "steered generation vs unsteered and peer",
-                        model_flag=True),
+                        args=("--n", "16"), model_flag=True),
     "search": Bench("bench_search.py", "proxy-guided vs exhaustive steering search",
-                    timeout_s=1800),
+                    args=("--quick", "--trials", "8"), quick=("--quick",), timeout_s=1800),
     "scaling": Bench("bench_scaling.py", "capture and generation vs prompt count and length",
                      model_flag=True),
     "judge": Bench("bench_judge.py", "judge agreement and seconds per judged response",
                    md=False, quick=("--limit", "16", "--repeats", "1"), timeout_s=1200),
     "serve": Bench("bench_serve.py", "serving throughput, batching on vs off", md=False,
+                   args=("--clients", "8", "--requests", "2"),
                    quick=("--clients", "4", "--requests", "2", "--repeats", "1"),
                    timeout_s=900),
     "analyze": Bench("bench_analyze.py", "the full `analyze` run (about 45 min)", md=False,
