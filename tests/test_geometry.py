@@ -57,6 +57,13 @@ def test_projected_stability_matches_measured_stability_at_larger_n():
     assert G.projected_stability(0.5, 16, 16) == pytest.approx(0.5)
     assert math.isnan(G.projected_stability(-0.1, 16, 32))
     assert math.isnan(G.projected_stability(0.5, 2, 32))  # too few prompts to extrapolate
+    # the n the model asks for reaches 0.9 when measured there
+    n90 = G.n_for_stability(c16, 16)
+    assert 64 < n90 < 400
+    big, _ = G.resampled_directions(pos, neg, n=round(n90), resamples=4, seed=2)
+    assert G.stability(big) == pytest.approx(0.9, abs=0.04)
+    assert G.projected_stability(c16, 16, round(n90)) == pytest.approx(0.9, abs=0.01)
+    assert math.isinf(G.n_for_stability(-0.2, 16))
 
 
 def test_resample_indices_are_disjoint_and_shrink_when_the_pool_is_small():

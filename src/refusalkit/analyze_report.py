@@ -53,6 +53,7 @@ def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools
             row[f"overlap@{p}"] = _r(st["overlap"], 3)
             proj = st[f"projected_at_{cfg.directions.n}"]
             row[f"projected_n{cfg.directions.n}@{p}"] = _r(proj)
+            row[f"n_for_0.9@{p}"] = _n_needed(st)
         row.update({f"cos_pos{p0}_vs{p}": _r(v) for p, v in s["position_cosine"].items()
                     if p != p0})
         sep = s["separability"]
@@ -66,7 +67,9 @@ def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools
                  caption=f"Per split at layer {layer}, position {p0}: stability = mean pairwise "
                  "cosine of directions from independent (disjoint) resamples of resample_n "
                  "prompts a side (overlap = share of prompts resamples have in common; "
-                 "projected = the stability expected at n prompts a side, 1/c − 1 ∝ 1/n); "
+                 "projected = the stability expected at n prompts a side, 1/c − 1 ∝ 1/n; "
+                 "n_for_0.9 = prompts a side at which that model expects 0.9, so a split "
+                 "below 0.9 with a modest n_for_0.9 is short of samples, not direction); "
                  "separability = cross-validated AUC; PR = "
                  f"participation ratio; PCs = principal components holding "
                  f"{cfg.stats.pc_fraction:.0%} of ‖δ‖².")
@@ -193,6 +196,8 @@ def headline(cfg: AnalyzeConfig, model: str, layer: int, geo: dict, oracle: dict
         "stability_min": _r(min(stab.values())), "stability_median": _r(float(np.median(
             list(stab.values())))),
         "splits_below_0.9": sorted(n for n, v in stab.items() if v < 0.9),
+        "n_for_0.9": {n: _n_needed(geo["splits"][n]["stability"][p0]) for n, v in stab.items()
+                      if v < 0.9},
         "stability_projected_min": _r(min(
             (geo["splits"][n]["stability"][p0][f"projected_at_{cfg.directions.n}"]
              for n in geo["names"]), key=lambda v: -1.0 if math.isnan(v) else v)),
@@ -232,6 +237,11 @@ def headline(cfg: AnalyzeConfig, model: str, layer: int, geo: dict, oracle: dict
     out["style_MI_bits"] = _r(lex.get("statistic"))
     out["style_p_value"] = _r(lex.get("p_value"))
     return out
+
+
+def _n_needed(st: dict) -> int | None:
+    n = G.n_for_stability(st["stability"], st["n"])
+    return None if math.isinf(n) else math.ceil(n)
 
 
 def _examples(run: RunDir, eval_rows: dict, sweeps: dict, per_direction: int) -> None:

@@ -45,6 +45,14 @@ def stability(directions: torch.Tensor) -> float:
     return float(off_diagonal(cosine_matrix(directions)).mean())
 
 
+def n_for_stability(stability: float, n_measured: int, target: float = 0.9) -> float:
+    """Prompts a side at which the same noise model expects `target` stability: the answer
+    to "why is this split below target" when it is sampling noise (inf for c ≤ 0)."""
+    if stability <= 0:
+        return float("inf")
+    return n_measured * (1.0 / stability - 1.0) / (1.0 / target - 1.0)
+
+
 def projected_stability(stability: float, n_measured: int, n_target: int,
                         min_n: int = 8) -> float:
     """Stability expected at n_target prompts a side from one measured at n_measured.
