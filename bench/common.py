@@ -173,12 +173,37 @@ def machine() -> dict[str, Any]:
     }
 
 
+def other_cpu(interval_s: float = 1.0) -> float:
+    """CPU (in cores) used by processes outside this one and its children over a short
+    sample. The load average cannot tell: a benchmark's own threads load a 2-core machine
+    to 2–3 with nothing else running."""
+    me = psutil.Process()
+    mine = {me.pid, *(c.pid for c in me.children(recursive=True)), *(p.pid for p in
+                                                                   me.parents())}
+    procs = [p for p in psutil.process_iter() if p.pid not in mine]
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(interval_s)
+    total = 0.0
+    for p in procs:
+        try:
+            total += p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    return total / 100.0
+
+
 def load_note() -> str:
-    """One line on machine load; figures taken with load above the core count are noisy."""
+    """One line on machine load: the load average and the CPU other processes used."""
     la = os.getloadavg()
     cores = psutil.cpu_count(logical=True) or 1
-    busy = " — MACHINE BUSY, timings are noisy" if la[0] > 1.5 * cores else ""
-    return f"load average {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} on {cores} cores{busy}"
+    other = other_cpu(0.5)
+    busy = " — OTHER JOBS RUNNING, timings are noisy" if other > 0.25 * cores else ""
+    return (f"load average {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} on {cores} cores, "
+            f"{other:.2f} cores used by other processes{busy}")
 
 
 def emit(md: str, md_path: str | None, data: Mapping[str, Any] | None = None,

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import REPO, machine, md_table
+from common import REPO, machine, md_table, other_cpu
 
 HERE = Path(__file__).resolve().parent
 
@@ -77,6 +77,7 @@ def run_one(name: str, b: Bench, quick: bool, model: str | None, work: Path) -> 
     shown = shown.replace(str(HERE) + "/", "bench/").replace(str(work) + "/", "$TMP/")
     print(f"\n=== {name}: {shown}", file=sys.stderr, flush=True)
     load0 = os.getloadavg()[0]
+    other0 = other_cpu()
     t0 = time.perf_counter()
     env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", **b.env}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
@@ -98,7 +99,7 @@ def run_one(name: str, b: Bench, quick: bool, model: str | None, work: Path) -> 
         text = stdout.strip()[-6000:] or "(no output)"
         body = f"{title}{status}\n\n```\n{text}\n```"
     return {"name": name, "cmd": shown, "rc": rc, "seconds": seconds, "md": body,
-            "load_before": load0, "load_after": os.getloadavg()[0]}
+            "load_before": load0, "load_after": os.getloadavg()[0], "other_before": other0}
 
 
 def main() -> None:
@@ -139,21 +140,22 @@ def main() -> None:
 
 
 def render(info: dict, results: list[dict], total: float, args: argparse.Namespace) -> str:
-    busy = max([r["load_before"] for r in results] + [info["load_avg"][0]], default=0.0)
+    busy = max([r["other_before"] for r in results], default=0.0)
     cores = info["cores"] or 1
     warn = []
     if args.quick:
         warn.append("**Quick run** (`--quick`): small sizes for a smoke test; the ratios are "
                     "indicative only.")
-    if busy > 1.5 * cores:
-        warn.append(f"**Taken under load**: the 1-minute load average reached {busy:.1f} on "
-                    f"{cores} cores while these ran (other jobs shared the CPU). Interleaved "
-                    "repeats spread that load over all variants, so ratios are more trustworthy "
-                    "than absolute times, but both are noisy.")
+    if busy > 0.25 * cores:
+        warn.append(f"**Taken next to other jobs**: other processes used up to {busy:.2f} of "
+                    f"{cores} cores when a benchmark started. Interleaved repeats spread that "
+                    "load over all variants, so ratios are more trustworthy than absolute "
+                    "times, but both are noisy.")
     cmd = "python bench/run_all.py" + "".join(
         f" {a}" for a in sys.argv[1:])
     rows = [(r["name"], r["cmd"], "ok" if r["rc"] == 0 else f"FAILED ({r['rc']})",
-             f"{r['seconds']:.0f}", f"{r['load_before']:.1f} → {r['load_after']:.1f}")
+             f"{r['seconds']:.0f}", f"{r['load_before']:.1f} → {r['load_after']:.1f}",
+             f"{r['other_before']:.2f}")
             for r in results]
     head = [
         "# Benchmark results",
@@ -170,7 +172,8 @@ def render(info: dict, results: list[dict], total: float, args: argparse.Namespa
         "",
         f"## Runs ({total / 60:.1f} min in all)",
         "",
-        md_table(["bench", "command", "status", "seconds", "load avg before → after"], rows),
+        md_table(["bench", "command", "status", "seconds", "load avg before → after",
+                  "other processes' cores at start"], rows),
     ]
     return "\n".join(head + [""] + ["\n\n".join(r["md"] for r in results)])
 
