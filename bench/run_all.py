@@ -1,6 +1,6 @@
 """Run the benchmarks and write bench/RESULTS.md (what `make bench` does).
 
-    python bench/run_all.py                         # default set (~35-45 min on 2 cores)
+    python bench/run_all.py                         # default set (~50 min on 2 cores)
     python bench/run_all.py --quick                 # small sizes, a few minutes
     python bench/run_all.py --benches activations,generation --out /tmp/r.md
     python bench/run_all.py --list
@@ -47,7 +47,7 @@ BENCHES: dict[str, Bench] = {
     "activations": Bench("bench_activations.py", "activation capture vs bare passes and peers",
                          args=("--n", "64"), model_flag=True),
     "generation": Bench("bench_generation.py", "steered generation vs unsteered and peer",
-                        args=("--n", "16"), model_flag=True),
+                        args=("--n", "16", "--repeats", "7"), model_flag=True),
     "search": Bench("bench_search.py", "proxy-guided vs exhaustive steering search",
                     args=("--quick", "--trials", "8"), quick=("--quick",), timeout_s=1800),
     "scaling": Bench("bench_scaling.py", "capture and generation vs prompt count and length",

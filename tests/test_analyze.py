@@ -139,8 +139,9 @@ def test_interrupted_sweep_resumes_from_the_next_direction(tmp_path, monkeypatch
 def test_sweeps_can_steer_at_another_layer_and_position(tmp_path, monkeypatch):
     """Geometry stays at (layer 2, position -2) while the sweeps take each split's direction
     at (layer 3, position -1) and add it there; calibration uses the same site."""
-    import refusalkit.analyze as A
     from safetensors.torch import load_file
+
+    import refusalkit.analyze as A
 
     lm = build_tiny("llama")
     cfg = _tiny_config(tmp_path, sweep={"oracle": ["HC-BC"], "layer": 3, "position": -1})
@@ -168,7 +169,7 @@ def test_sweeps_can_steer_at_another_layer_and_position(tmp_path, monkeypatch):
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["layer"], metrics["position"]) == (2, -2)
     assert (metrics["sweep_layer"], metrics["sweep_position"]) == (3, -1)
-    with pytest.raises(ValueError, match="sweep.position"):
+    with pytest.raises(ValueError, match=r"sweep\.position"):
         _tiny_config(tmp_path, sweep={"position": -3})
 
 
