@@ -40,7 +40,7 @@ from refusalkit.evaluate import judge_prompts
 from refusalkit.judge import make_judge
 from refusalkit.models import load_model
 from refusalkit.runs import atomic_write_json
-from refusalkit.search import build_profile
+from refusalkit.search import build_profile, within_kl_budget
 from refusalkit.steer_config import SteerConfig
 
 
@@ -101,11 +101,8 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
         say(f"  trial {trial['number']}: target {rows[-1]['target_refusal']:.2f} keep "
             f"{rows[-1]['keep_refusal']:.2f} kl {trial['kl']:.3f}")
     seconds = time.perf_counter() - t0
-    # Same budget rule as the pipeline (search.pareto_candidates): only trials within the KL
-    # budget compete, the lowest-KL ones when none is.
-    within = [r for r in rows if r["kl"] <= cfg.search.kl_max]
-    if not within:
-        within = sorted(rows, key=lambda r: r["kl"])[: max(1, cfg.search.verify)]
+    # the pipeline's KL budget rule, so both searches choose under the same constraint
+    within = within_kl_budget(rows, lambda r: r["kl"], cfg.search.kl_max, cfg.search.verify)
     chosen = steer_mod._choose(within, base, remove, cfg.search.safety_keep, keep)
     return {"rows": rows, "generated_tokens": tokens, "seconds": seconds, "chosen": chosen,
             "n_target": len(t_set), "n_keep": len(keep)}

@@ -42,7 +42,7 @@ class Bench:
 
 
 BENCHES: dict[str, Bench] = {
-    # Default sizes keep `make bench` to about 40 minutes on 2 cores; each script's own
+    # Default sizes keep `make bench` to about 50 minutes on 2 cores; each script's own
     # defaults (e.g. 256 prompts for activations) are larger.
     "activations": Bench("bench_activations.py", "activation capture vs bare passes and peers",
                          args=("--n", "64"), model_flag=True),

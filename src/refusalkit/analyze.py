@@ -105,7 +105,8 @@ def _pipeline(run: RunDir, cfg: AnalyzeConfig, lm: LoadedModel, judge: Judge, la
     eval_rows = run.stage("eval_baseline", lambda: unsteered_eval(lm, judge, cfg, chosen,
                                                                   show_progress))
     sl, pi = sweep_site(cfg, lm.n_layers, layer)
-    vectors = swept_vectors(cfg, geo_t, buckets, rows, sl, pi)
+    oracle_sweep = oracle_t if pi == 0 else oracle_directions(cfg, buckets, rows, pi)
+    vectors = swept_vectors(cfg, geo_t, oracle_sweep, sl, pi)
     unit_scale = 1.0
     if cfg.sweep.alpha_unit == "core_norm":
         unit_scale = float(geo_t["raw_norm"][0, pi, sl - 1])
@@ -201,14 +202,15 @@ def geometry(cfg: AnalyzeConfig, pools: dict, rows, acts: torch.Tensor,
 
 
 def oracle_directions(cfg: AnalyzeConfig, buckets: dict[str, list[str]],
-                      rows) -> dict[str, torch.Tensor]:
-    """Oracle bucket directions [L, d] at the primary position (zeros if a bucket is empty)."""
+                      rows, pi: int = 0) -> dict[str, torch.Tensor]:
+    """Oracle bucket directions [L, d] at position index pi (default the primary one);
+    an oracle whose bucket is empty is left out."""
     k = cfg.buckets.n_oracle
     out = {}
     for name, (a, b) in ORACLES.items():
         if len(buckets[a]) >= 1 and len(buckets[b]) >= 1:
-            out[name] = G.mean_difference_dirs(rows(buckets[a][:k])[:, :, 0],
-                                               rows(buckets[b][:k])[:, :, 0])
+            out[name] = G.mean_difference_dirs(rows(buckets[a][:k])[:, :, pi],
+                                               rows(buckets[b][:k])[:, :, pi])
     return out
 
 
@@ -244,18 +246,15 @@ def oracle_geometry(cfg: AnalyzeConfig, buckets: dict[str, list[str]], rows,
 
 
 def swept_vectors(cfg: AnalyzeConfig, geo_t: dict[str, torch.Tensor],
-                  buckets: dict[str, list[str]], rows, layer: int, pi: int
+                  oracle_t: dict[str, torch.Tensor], layer: int, pi: int
                   ) -> dict[str, torch.Tensor]:
     """Directions to sweep at (layer, position index pi), in order: splits with
-    sweep = true, then configured oracle bucket directions (skipped if a bucket is empty)."""
+    sweep = true, then configured oracles (`oracle_t` taken at the same position)."""
     out = {s.name: geo_t["dirs"][i, pi, layer - 1] for i, s in enumerate(cfg.splits)
            if s.sweep}
-    k = cfg.buckets.n_oracle
     for name in cfg.sweep.oracle:
-        a, b = ORACLES[name]
-        if buckets[a] and buckets[b]:
-            out[name] = G.mean_difference_dirs(rows(buckets[a][:k])[:, layer - 1, pi],
-                                               rows(buckets[b][:k])[:, layer - 1, pi])
+        if name in oracle_t:
+            out[name] = oracle_t[name][layer - 1]
     return out
 
 

@@ -144,10 +144,10 @@ def _tradeoff(run: RunDir, summary: dict, unit_scale: float) -> None:
         sub = f"; largest ORR gap at matched RR {gap['max_gap']:.2f}"
         if lo is not None:
             sub += f" (95 % CI {lo:.2f}–{hi:.2f})"
-    site = summary.get("site")
-    where = f" at layer {site['layer']}, position {site['position']}" if site else ""
+    site = summary["site"]
     R.save_figure(run, "tradeoff_curves", fig, section="Trade-offs", order=0,
-                  caption=f"RR–ORR trade-off of activation addition{where} along each "
+                  caption="RR–ORR trade-off of activation addition at layer "
+                  f"{site['layer']}, position {site['position']} along each "
                   "direction (dots: "
                   f"α = 0 and the α grid, unit {unit_scale:.3g}; dashed: oracle directions; "
                   f"x: directional ablation){sub}.")

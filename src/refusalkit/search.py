@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 import torch
@@ -21,6 +21,8 @@ import torch
 from refusalkit.interventions import Gate, Profile, addition
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import kl_divergence, last_logprobs, refusal_log_odds, refusal_token_ids
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,17 @@ def run_study(
     return study
 
 
+def within_kl_budget(items: list[T], kl: Callable[[T], float], kl_max: float,
+                     n: int) -> list[T]:
+    """The items within the KL budget; if none is, the n lowest-KL ones (the honest
+    fallback). One rule for the search and for anything compared with it."""
+    ok = [t for t in items if kl(t) <= kl_max]
+    return ok or sorted(items, key=kl)[:n]
+
+
 def pareto_candidates(study: optuna.Study, kl_max: float, n: int) -> list[dict[str, Any]]:
     """Up to n Pareto-optimal trials within the KL budget, best target objective first."""
-    front = [t for t in study.best_trials if t.user_attrs.get("kl", 1e9) <= kl_max]
-    if not front:  # nothing within budget: the lowest-KL trials are the honest fallback
-        front = sorted(study.best_trials, key=lambda t: t.user_attrs.get("kl", 1e9))[:n]
+    front = within_kl_budget(study.best_trials, lambda t: t.user_attrs.get("kl", 1e9), kl_max,
+                             n)
     front.sort(key=lambda t: t.values[0])
     return [{"number": t.number, "params": dict(t.params), **t.user_attrs} for t in front[:n]]
