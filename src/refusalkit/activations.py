@@ -22,6 +22,7 @@ from refusalkit.models import LoadedModel
 from refusalkit.progress import bar
 
 MEAN_POST = "mean_post"  # mean over the post-instruction template tokens
+MEAN_ALL = "mean_all"  # mean over every (non-padding) token of the formatted prompt
 Position = int | str
 
 
@@ -41,13 +42,13 @@ def post_instruction_length(lm: LoadedModel) -> int:
 def _validate_positions(lm: LoadedModel, positions: Sequence[Position]) -> None:
     n_post = post_instruction_length(lm)
     for p in positions:
-        if p == MEAN_POST:
+        if p in (MEAN_POST, MEAN_ALL):
             continue
         if not isinstance(p, int) or p >= 0:
             raise UserError(
                 f"position {p!r} is not supported; use a negative offset from the end of the "
-                f"prompt (-1 = last prompt token, -{n_post}..-1 are template tokens) or "
-                f"'{MEAN_POST}'"
+                f"prompt (-1 = last prompt token, -{n_post}..-1 are template tokens), "
+                f"'{MEAN_POST}' or '{MEAN_ALL}'"
             )
 
 
@@ -56,6 +57,15 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of [batch, seq, d] states over the positions a [batch, seq] mask keeps, float32
+    (summed in float64: long prompts, big activations)."""
+    if mask is None:
+        return h.double().mean(dim=1).float()
+    m = mask[:, -h.shape[1]:].to(torch.float64)[..., None]
+    return ((h.double() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)).float()
 
 
 def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -101,11 +111,15 @@ def capture(
     deepest = max(layers)
     current: dict[int, torch.Tensor] = {}
 
+    pad_mask: dict[str, torch.Tensor] = {}
+
     def select(h: torch.Tensor) -> torch.Tensor:
         cols = []
         for p in positions:
             if p == MEAN_POST:
                 cols.append(h[:, -n_post:].float().mean(dim=1))
+            elif p == MEAN_ALL:
+                cols.append(masked_mean(h, pad_mask["mask"]))
             else:
                 cols.append(h[:, p].float())
         return torch.stack(cols, dim=1)
@@ -138,6 +152,7 @@ def capture(
             for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
                 batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
                 current.clear()
+                pad_mask["mask"] = batch["attention_mask"].to(lm.device)
                 try:
                     lm.model(
                         input_ids=batch["input_ids"].to(lm.device),

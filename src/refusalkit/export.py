@@ -140,6 +140,11 @@ def control_vectors(profile: Profile) -> dict[int, torch.Tensor]:
                 "the profile ablates a direction; a llama.cpp control vector can only add a "
                 "fixed vector, and ablation depends on the activations — export it with "
                 "'refusalkit export abliterated' instead")
+        if op.gate is not None:
+            raise UserError(
+                "the profile is gated (it steers only prompts its topic detector opens for); a "
+                "llama.cpp control vector steers every prompt, so it cannot carry the gate — "
+                "serve the profile with 'refusalkit serve' instead")
         if op.phase != "both":
             raise UserError(
                 f"the profile adds only in the {op.phase} phase; llama.cpp adds control vectors "

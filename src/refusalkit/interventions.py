@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from refusalkit.activations import masked_mean
 from refusalkit.artifacts import model_record, read_artifact, write_artifact
 from refusalkit.errors import UserError
 from refusalkit.models import LoadedModel
@@ -31,8 +32,10 @@ PROFILE_FORMAT = "refusalkit.profile/v1"
 
 @dataclass(frozen=True)
 class Gate:
-    """Conditional steering (IBM CAST-style): steer a sequence only when its last prompt
-    token's projection on `vector` at the input of `layer` exceeds `threshold`.
+    """Conditional steering (IBM CAST-style): steer a sequence only when its prompt's
+    projection on `vector` at the input of `layer` exceeds `threshold` — the last prompt
+    token's state, or (pool "mean") the mean state over the whole prompt, which reads the
+    topic far better at early layers (measured on qwen2.5-coder-0.5b, see gates.py).
 
     The decision is taken once per sequence in the prompt pass and kept for generation, so a
     topic detector can switch a behaviour vector on for one topic and leave others alone.
@@ -41,6 +44,11 @@ class Gate:
     layer: int
     vector: torch.Tensor
     threshold: float
+    pool: Literal["last", "mean"] = "last"  # last prompt token, or mean over the prompt
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("last", "mean"):
+            raise UserError(f"unknown gate pooling '{self.pool}'; use last or mean")
 
 
 @dataclass(frozen=True)
@@ -151,14 +159,25 @@ def _attach_gate(lm: LoadedModel, op: Op, handles: list[Any]) -> dict[str, torch
     lm.arch.check_layers([gate.layer])
     v = gate.vector.to(lm.device).double()
     v = v / v.norm().clamp_min(1e-12)
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
+
+    def padding(_m: Any, args: tuple, kwargs: dict) -> None:
+        # the model's own [batch, seq] attention mask, so a mean skips left padding
+        state["attention"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
     def decide(_m: Any, args: tuple, kwargs: dict) -> None:
         h = args[0] if args else kwargs["hidden_states"]
         if h.shape[1] > 1 or "mask" not in state or len(state["mask"]) != h.shape[0]:
-            proj = h[:, -1].double() @ v
-            state["mask"] = (proj > gate.threshold).to(h.dtype)[:, None, None]
+            if gate.pool == "mean":
+                attn = state.get("attention")
+                ok = isinstance(attn, torch.Tensor) and attn.ndim == 2
+                feat = masked_mean(h, attn if ok else None).double()
+            else:
+                feat = h[:, -1].double()
+            state["mask"] = (feat @ v > gate.threshold).to(h.dtype)[:, None, None]
 
+    if gate.pool == "mean":
+        handles.append(lm.model.register_forward_pre_hook(padding, with_kwargs=True))
     handles.append(lm.arch.layers[gate.layer].register_forward_pre_hook(decide, with_kwargs=True))
     return state
 
@@ -249,7 +268,8 @@ def save_profile(profile: Profile, path: str | Path, lm: LoadedModel) -> Path:
             "strengths": {str(k): v for k, v in sorted(op.strengths.items())}}
         if op.gate is not None:
             tensors[f"op{i}.gate"] = op.gate.vector
-            meta["gate"] = {"layer": op.gate.layer, "threshold": op.gate.threshold}
+            meta["gate"] = {"layer": op.gate.layer, "threshold": op.gate.threshold,
+                            "pool": op.gate.pool}
         ops_meta.append(meta)
     manifest = {"model": model_record(lm), "ops": ops_meta, "scale": profile.scale,
                 **dict(profile.meta)}
@@ -266,7 +286,7 @@ def load_profile(path: str | Path, lm: LoadedModel | None = None,
         gate = None
         if "gate" in meta:
             gate = Gate(int(meta["gate"]["layer"]), art.tensors[f"op{i}.gate"],
-                        float(meta["gate"]["threshold"]))
+                        float(meta["gate"]["threshold"]), meta["gate"].get("pool", "last"))
         ops.append(Op(meta["kind"], vectors, strengths, meta.get("phase", "both"), gate))
     extra = {k: v for k, v in art.manifest.items()
              if k not in ("ops", "scale", "format", "tensors_sha256")}

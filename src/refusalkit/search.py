@@ -10,7 +10,7 @@ trials are then generated and judged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import optuna
 import torch
 
+from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import Gate, Profile, addition
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import kl_divergence, last_logprobs, refusal_log_odds, refusal_token_ids
@@ -36,21 +37,60 @@ class SearchSpace:
 
 @dataclass(frozen=True)
 class ProxySets:
-    """Prompts for the cheap objectives, with the unsteered next-token log-probs of neutral."""
+    """Prompts for the cheap objectives with their unsteered next-token log-probs.
+
+    With a gate, `open` holds its decision per prompt of each set: a closed gate adds
+    nothing, so those rows keep their unsteered log-probs and only open rows are run under
+    a gated trial (exact, and most of the search's forward passes saved).
+    """
 
     target: Sequence[str]  # behaviour to change
     keep: Sequence[str]  # behaviour to keep (refused harmful prompts, or other topics)
     neutral: Sequence[str]  # KL reference
     neutral_base: torch.Tensor
+    target_base: torch.Tensor | None = None
+    keep_base: torch.Tensor | None = None
+    open: Mapping[str, torch.Tensor] | None = None  # "target" / "keep" / "neutral" -> bool [n]
+
+
+def proxy_sets(lm: LoadedModel, target: Sequence[str], keep: Sequence[str],
+               neutral: Sequence[str], gate: Gate | None = None,
+               batch_size: int = 16) -> ProxySets:
+    """Unsteered log-probs of every proxy set and, with a gate, its decisions."""
+    def base(ps: Sequence[str]) -> torch.Tensor:
+        return last_logprobs(lm, ps, batch_size=batch_size)
+
+    opened = None
+    if gate is not None:
+        opened = {name: gate_open(lm, gate, ps, batch_size=batch_size)
+                  for name, ps in (("target", target), ("keep", keep), ("neutral", neutral))}
+    return ProxySets(target, keep, neutral, base(neutral), base(target), base(keep), opened)
+
+
+def _steered(lm: LoadedModel, prompts: Sequence[str], profile: Profile,
+             base: torch.Tensor | None, opened: torch.Tensor | None,
+             batch_size: int) -> torch.Tensor:
+    """Steered last-position log-probs, running only the rows a gated profile changes."""
+    if base is None or opened is None or gate_of(profile) is None:
+        return last_logprobs(lm, prompts, profile=profile, batch_size=batch_size)
+    out = base.clone()
+    rows = opened.nonzero()[:, 0].tolist()
+    if rows:
+        out[rows] = last_logprobs(lm, [prompts[i] for i in rows], profile=profile,
+                                  batch_size=batch_size)
+    return out
 
 
 def build_profile(params: dict[str, Any], directions: torch.Tensor, gaps: Sequence[float],
                   space: SearchSpace, gate: Gate | None) -> Profile:
     """The profile a trial's parameters describe."""
-    layers = range(params["start"], min(params["start"] + params["width"], space.window[1]))
+    use_gate = gate if params.get("gate", False) else None
+    # A gate decides before steering starts: a gated block begins at the gate's layer at the
+    # earliest (shifted, keeping its width).
+    start = max(params["start"], use_gate.layer) if use_gate is not None else params["start"]
+    layers = range(start, min(start + params["width"], space.window[1]))
     vectors = {layer: directions[layer] for layer in layers}
     strengths = {layer: space.sign * params["alpha"] * abs(gaps[layer]) for layer in layers}
-    use_gate = gate if params.get("gate", False) else None
     return Profile((addition(vectors, strengths, gate=use_gate),),
                    meta={"search_params": dict(params)})
 
@@ -59,11 +99,14 @@ def proxy_objectives(lm: LoadedModel, profile: Profile, sets: ProxySets,
                      batch_size: int = 16) -> tuple[float, float, float]:
     """(target refusal log-odds, keep refusal log-odds, neutral KL) under a profile."""
     ids = refusal_token_ids(lm)
-    target = refusal_log_odds(last_logprobs(lm, sets.target, profile=profile,
-                                            batch_size=batch_size), ids).mean()
-    keep = refusal_log_odds(last_logprobs(lm, sets.keep, profile=profile,
-                                          batch_size=batch_size), ids).mean()
-    neutral = last_logprobs(lm, sets.neutral, profile=profile, batch_size=batch_size)
+    opened = sets.open or {}
+
+    def run(name: str, prompts: Sequence[str], base: torch.Tensor | None) -> torch.Tensor:
+        return _steered(lm, prompts, profile, base, opened.get(name), batch_size)
+
+    target = refusal_log_odds(run("target", sets.target, sets.target_base), ids).mean()
+    keep = refusal_log_odds(run("keep", sets.keep, sets.keep_base), ids).mean()
+    neutral = run("neutral", sets.neutral, sets.neutral_base)
     kl = kl_divergence(sets.neutral_base, neutral).mean()
     return float(target), float(keep), float(kl)
 

@@ -20,14 +20,14 @@ from refusalkit.activations import capture
 from refusalkit.artifacts import dataset_record, model_record
 from refusalkit.directions import get_method, mean_difference, per_layer
 from refusalkit.errors import UserError
-from refusalkit.evaluate import Judged, judge_prompts
+from refusalkit.evaluate import Judged, judge_gated, judge_prompts
+from refusalkit.gates import fit_gate, pool_position
 from refusalkit.interventions import Gate, Profile, ablation, save_profile
 from refusalkit.judge import JudgementCache, make_judge
 from refusalkit.models import LoadedModel, load_model
 from refusalkit.prompts import load_prompts
 from refusalkit.runs import RunDir, check_run_folder, run_manifest
-from refusalkit.scoring import last_logprobs
-from refusalkit.search import ProxySets, SearchSpace, build_profile, pareto_candidates, run_study
+from refusalkit.search import SearchSpace, build_profile, pareto_candidates, proxy_sets, run_study
 from refusalkit.selection import arditi_select, auc, depth_window
 from refusalkit.steer_config import SteerConfig
 from refusalkit.steer_eval import evaluate_all, write_report
@@ -52,6 +52,15 @@ def split_data(cfg: SteerConfig) -> dict[str, list[str]]:
     }
     for spec in d.overrefusal:
         out[f"overrefusal:{spec}"] = load_prompts(spec).take(d.n_eval, seed=seed).prompts
+    # The topic gate's negatives: more and more varied "other" prompts than the fitting sets,
+    # each source read past the rows every other role took (so they never overlap).
+    sources = [(d.neutral, d.n_fit + d.n_proxy), (d.safety_fit, d.n_fit),
+               *((spec, d.n_eval) for spec in d.overrefusal)]
+    taken = set(fit + held)
+    out["gate_negatives"] = [p for spec, offset in sources
+                             for p in load_prompts(spec).take(d.n_gate, seed=seed,
+                                                              offset=offset).prompts
+                             if p not in taken]
     return out
 
 
@@ -116,9 +125,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
         gaps = torch.stack([(refused[:, i] @ dirs[i]).mean() - (complied[:, i] @ dirs[i]).mean()
                             for i in all_layers])
         md = per_layer(mean_difference, refused, complied)
-        topic = per_layer(mean_difference, acts["target_fit"],
-                          torch.cat([acts["neutral"], acts["safety_fit"]]))
-        return {"directions": dirs, "gaps": gaps, "md": md, "topic": topic}
+        return {"directions": dirs, "gaps": gaps, "md": md}
 
     dirs = run.tensor_stage("directions", directions)
 
@@ -139,8 +146,11 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
 
     layer_rows = run.stage("layers", layers)
 
-    # 5. automatic multi-layer selection
-    gate = _topic_gate(lm, dirs["topic"], acts, cfg)
+    # 5. topic gate, then automatic multi-layer selection
+    gate = None
+    if cfg.search.gate != "off":
+        rec = run.stage("gate", lambda: _fit_topic_gate(lm, acts, data, cfg, show_progress))
+        gate = Gate(rec["layer"], torch.tensor(rec["vector"]), rec["threshold"], rec["pool"])
     space = _space(lm, cfg)
     refused_idx = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] > 0.1]
     answered_idx = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] < -0.1]
@@ -156,8 +166,8 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
                         "remove (check the target sets or use mode = \"induce\")")
 
     def search() -> dict[str, Any]:
-        neutral_base = last_logprobs(lm, data["neutral_proxy"], batch_size=cfg.batch_size)
-        sets = ProxySets(target_proxy, keep_proxy, data["neutral_proxy"], neutral_base)
+        sets = proxy_sets(lm, target_proxy, keep_proxy, data["neutral_proxy"], gate,
+                          batch_size=cfg.batch_size)
         study = run_study(lm, dirs["directions"], dirs["gaps"].tolist(), space, sets,
                           trials=cfg.search.trials, storage=run.file("study.sqlite"),
                           seed=cfg.seed, gate=gate)
@@ -171,15 +181,24 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
     # 5b. generate + judge only the promising candidates
     def verify() -> dict[str, Any]:
         rows, tokens = [], 0
-        t_set = [data["target_fit"][i] for i in pick]
-        k_set = keep_proxy
+        t_idx = pick[: cfg.search.verify_prompts]
+        t_set = [data["target_fit"][i] for i in t_idx]
+        t_base = [Judged(**base["target_fit"][i]) for i in t_idx]
+        k_rows = {r["prompt"]: r for r in base["safety_fit" if remove else "neutral"]}
+        k_base = [Judged(**k_rows[p]) if p in k_rows else None for p in keep_proxy]
         for cand in searched["candidates"]:
             prof = build_profile(cand["params"], dirs["directions"], dirs["gaps"].tolist(),
                                  space, gate)
-            jt = judge_prompts(lm, t_set, judge, profile=prof, **jk)
-            jkp = judge_prompts(lm, k_set, judge, profile=prof, **jk)
-            tokens += sum(j.tokens for j in jt + jkp)
-            rows.append({**cand, "target_refusal": _rate(jt), "keep_refusal": _rate(jkp)})
+            jt, ot = judge_gated(lm, t_set, judge, prof, t_base, **jk)
+            if all(k_base):
+                jkp, ok = judge_gated(lm, keep_proxy, judge, prof, k_base, **jk)
+            else:  # keep prompts without a baseline judgement: judge them all
+                jkp = judge_prompts(lm, keep_proxy, judge, profile=prof, **jk)
+                ok = torch.ones(len(jkp), dtype=torch.bool)
+            tokens += sum(j.tokens for j, o in zip(jt + jkp, ot.tolist() + ok.tolist(),
+                                                   strict=True) if o)
+            rows.append({**cand, "target_refusal": _rate(jt), "keep_refusal": _rate(jkp),
+                         "gate_open_target": float(ot.double().mean())})
         return {"rows": rows, "generated_tokens": tokens,
                 "chosen": _choose(rows, base, remove, cfg.search.safety_keep, keep_proxy)}
 
@@ -207,11 +226,14 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
         "mode": cfg.mode, "method": cfg.directions.method,
         "chosen_layers": profile.layers,
         "chosen_strengths": {str(k): v for k, v in profile.ops[0].strengths.items()},
-        "gate": bool(chosen["params"].get("gate", False)),
+        "gated": bool(chosen["params"].get("gate", False)),
         "search_generated_tokens": verified["generated_tokens"],
         "search_trials": len(searched["trials"]),
     })
+    if gate is not None:
+        metrics["gate"] = {k: v for k, v in rec.items() if k not in ("vector", "layers")}
     timings = run.read_json("timings.json") if run.file("timings.json").is_file() else {}
+    metrics["stage_seconds"] = {k: v for k, v in timings.items() if k != "total_this_process"}
     run.write_json("metrics.json", metrics)
     run.write_json("timings.json", {**timings,
                                     "total_this_process": time.perf_counter() - t_start})
@@ -266,18 +288,30 @@ def _space(lm: LoadedModel, cfg: SteerConfig) -> SearchSpace:
                        -1.0 if cfg.mode == "remove" else 1.0, gate)
 
 
-def _topic_gate(lm: LoadedModel, topic: torch.Tensor, acts: dict[str, torch.Tensor],
-                cfg: SteerConfig) -> Gate:
-    """A topic detector before the steered layers: the most separating early layer, with the
-    threshold halfway between the closest topic and non-topic projections' means."""
-    lo = max(1, round(cfg.search.window[0] * lm.n_layers))
-    others = torch.cat([acts["neutral"], acts["safety_fit"]])
-    best = max(range(1, lo + 1), key=lambda i: auc(acts["target_fit"][:, i] @ topic[i],
-                                                     others[:, i] @ topic[i]))
-    v = topic[best]
-    t_proj, o_proj = acts["target_fit"][:, best] @ v, others[:, best] @ v
-    threshold = float((t_proj.quantile(0.1) + o_proj.quantile(0.9)) / 2)
-    return Gate(best, v, threshold)
+def _fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
+                    data: dict[str, list[str]], cfg: SteerConfig,
+                    show_progress: bool) -> dict[str, Any]:
+    """A topic detector no deeper than `gate_max_layer`, fitted on the topic's fitting prompts
+    against every other prompt the run fits on plus the gate negatives (see gates.py)."""
+    hi = max(1, min(lm.n_layers - 1, round(cfg.search.gate_max_layer * lm.n_layers)))
+    layers = list(range(1, hi + 1))
+    pool = cfg.search.gate_pool
+
+    def read(name: str) -> torch.Tensor:
+        if pool == "last" and name in acts:  # the activations stage read exactly this
+            return acts[name][:, layers]
+        return capture(lm, data[name], layers, [pool_position(pool)],
+                       batch_size=cfg.batch_size, show_progress=show_progress)[:, :, 0]
+
+    names = ["neutral", "safety_fit"] + (["gate_negatives"] if data["gate_negatives"] else [])
+    neg = torch.cat([read(n) for n in names])
+    fit = fit_gate(read("target_fit"), neg, layers, max_false_open=cfg.search.gate_false_open,
+                   pool=pool, seed=cfg.seed)
+    return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
+            "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall,
+            "margin_z": fit.margin_z, "shrink": fit.shrink,
+            "n_topic": len(data["target_fit"]), "n_other": int(neg.shape[0]),
+            "layers": fit.table}
 
 
 def _choose(rows: list[dict[str, Any]], base: dict[str, Any], remove: bool, keep: float,
@@ -288,9 +322,16 @@ def _choose(rows: list[dict[str, Any]], base: dict[str, Any], remove: bool, keep
     base_rate = sum(base_keep.get(p, False) for p in keep_prompts) / max(1, len(keep_prompts))
     if remove:
         ok = [r for r in rows if r["keep_refusal"] >= keep * base_rate] or rows
-        return min(ok, key=lambda r: (r["target_refusal"], -r["keep_refusal"], r["kl"]))
+        return min(ok, key=lambda r: (r["target_refusal"], -r["keep_refusal"], r["kl"],
+                                      _size(r)))
     ok = [r for r in rows if r["keep_refusal"] <= base_rate + 0.1] or rows
-    return max(ok, key=lambda r: (r["target_refusal"], -r["keep_refusal"], -r["kl"]))
+    return max(ok, key=lambda r: (r["target_refusal"], -r["keep_refusal"], -r["kl"],
+                                  -_size(r)))
+
+
+def _size(row: dict[str, Any]) -> float:
+    """How much a candidate steers (α × layers): the tie-break toward the gentler one."""
+    return float(row["params"]["alpha"]) * int(row["params"]["width"])
 
 
 def _arditi(lm: LoadedModel, acts, data, base, cfg: SteerConfig) -> dict[str, Any]:

@@ -32,6 +32,9 @@ class DataConfig(ConfigModel):
     """Prompts per held-out evaluation set (target eval uses its whole held-out share)."""
     max_target: int = Field(200, ge=4)
     """At most this many prompts from each target set."""
+    n_gate: int = Field(64, ge=0)
+    """Extra "other topic" prompts for fitting the topic gate, drawn from each of neutral,
+    safety_fit and every overrefusal set past the rows used elsewhere (never evaluated on)."""
 
 
 class JudgeConfig(ConfigModel):
@@ -71,6 +74,18 @@ class SearchConfig(ConfigModel):
     """Keep at least this share of the baseline safety refusal (remove mode)."""
     gate: Literal["off", "on", "search"] = "search"
     """Topic gate (conditional steering): off, always on, or let the search decide."""
+    gate_max_layer: float = Field(0.45, gt=0, lt=1)
+    """Deepest layer the gate may read, as a fraction of depth; gated trials steer only at
+    and after the gate's layer."""
+    gate_pool: Literal["mean", "last"] = "mean"
+    """What the gate reads: the mean state over the prompt (reads the topic best) or the last
+    prompt token."""
+    gate_false_open: float = Field(0.01, ge=0, lt=0.5)
+    """Share of other-topic prompts (out of fold) the gate may open for: higher opens on more
+    of the topic, and steers more prompts it should leave alone."""
+    verify_prompts: int = Field(32, ge=2)
+    """At most this many baseline-refused (remove) / answered (induce) target prompts are
+    generated and judged per verified candidate."""
 
 
 class EvalConfig(ConfigModel):

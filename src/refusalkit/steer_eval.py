@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from refusalkit.evaluate import Judged, judge_prompts, perplexity_ratio
+from refusalkit.evaluate import Judged, judge_gated, judge_prompts, perplexity_ratio
+from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import Profile
 from refusalkit.judge import Judge, KeywordJudge
 from refusalkit.models import LoadedModel
@@ -38,9 +39,16 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
     """Before/after refusal on every held-out set, KL and perplexity on harmless prompts."""
     sets = ["target_eval", "safety_eval"] + [k for k in data if k.startswith("overrefusal:")]
     over = [k for k in sets if k.startswith("overrefusal:")]
-    profiles: dict[str, Profile | None] = {"before": None, "after": profile, **baselines}
-    judged = {name: {s: judge_prompts(lm, data[s], judge, profile=p, **jk) for s in sets}
-              for name, p in profiles.items()}
+    # Unsteered answers first: a gated profile reuses them wherever its gate stays shut.
+    judged = {"before": {s: judge_prompts(lm, data[s], judge, **jk) for s in sets}}
+    open_share: dict[str, dict[str, float]] = {}
+    for name, p in {"after": profile, **baselines}.items():
+        judged[name] = {}
+        for s in sets:
+            judged[name][s], opened = judge_gated(lm, data[s], judge, p, judged["before"][s],
+                                                  **jk)
+            if gate_of(p) is not None:
+                open_share.setdefault(name, {})[s] = float(opened.double().mean())
     rates = {name: {s: _rate(js) for s, js in by_set.items()} for name, by_set in judged.items()}
     kw = {name: {s: _keyword_rate(js) for s, js in by_set.items()}
           for name, by_set in judged.items()}
@@ -49,6 +57,12 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
     base_logp = last_logprobs(lm, harmless, batch_size=cfg.batch_size)
     base_answers = [j.response for j in judge_prompts(lm, harmless, judge, **{**jk,
                                                                               "mode": "greedy"})]
+
+    for name, p in {"after": profile, **baselines}.items():
+        g = gate_of(p)
+        if g is not None:
+            open_share[name]["harmless_eval"] = float(gate_open(lm, g, harmless).double()
+                                                      .mean())
 
     def cost(p: Profile) -> dict[str, float]:
         kl = kl_divergence(base_logp, last_logprobs(lm, harmless, profile=p,
@@ -68,6 +82,7 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
                     "safety_refusal_after": kw["after"]["safety_eval"]},
         "per_dataset": {name: {"judge": rates[name], "keyword": kw[name]} for name in rates},
         "baselines": {},
+        "gate_open": open_share,
     }
     for name in baselines:
         s = _summary(rates[name], over)
@@ -141,4 +156,13 @@ def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[s
                 caption="Search trials: proxy target refusal vs KL (chosen trial in red)")
     save_table(run, "verified", verified["rows"], section="Search", order=2,
                caption="Pareto candidates generated and judged before choosing")
+    g, opened = metrics.get("gate"), metrics.get("gate_open") or {}
+    if g and opened:
+        sets = list(dict.fromkeys(s for by_set in opened.values() for s in by_set))
+        rows = [{"dataset": s, **{name: by_set.get(s) for name, by_set in opened.items()}}
+                for s in sets]
+        save_table(run, "gate_open", rows, section="Gate", order=1,
+                   caption=f"Share of held-out prompts the topic gate opens for (layer "
+                           f"{g['layer']}, {g['pool']} pooling; out-of-fold recall "
+                           f"{g['recall_oof']:.2f} on the topic's fitting prompts)")
     build_report(run, title=f"Refusal steering — {metrics.get('mode', '')}")

@@ -51,5 +51,6 @@ def register(app: typer.Typer) -> None:
                 f"target refusal {metrics['target_refusal_before']:.0%} → "
                 f"{metrics['target_refusal_after']:.0%}, safety refusal "
                 f"{metrics['safety_refusal_before']:.0%} → {metrics['safety_refusal_after']:.0%}, "
-                f"KL {metrics['kl_harmless']:.3f}\n"
+                f"over-refusal {metrics['overrefusal_before']:.0%} → "
+                f"{metrics['overrefusal_after']:.0%}, KL {metrics['kl_harmless']:.3f}\n"
                 f"report:  {path / 'report.html'}\nprofile: {path / 'profile'}")

@@ -1,0 +1,139 @@
+"""Topic gates for conditional steering: fit a linear topic detector and calibrate it.
+
+A gate (IBM CAST-style, see `interventions.Gate`) switches a steering operator on only for
+prompts whose last-token projection at one early layer passes a threshold. Its errors cost
+different things: a gate that opens on an ordinary prompt steers it (KL on harmless prompts),
+one that opens on a harmful prompt removes a safety refusal, one that stays shut on the topic
+leaves its refusal in place. So the detector is fitted against *many and varied* negatives
+(ordinary, harmful and look-alike prompts), and its threshold is set on scores the direction
+was not fitted on (k-fold, out of fold), to open on no negative at all.
+
+Choices, written down:
+- Direction per candidate layer: ridge-regularised LDA (RMD) topic-vs-others, with the ridge
+  λ relative to the mean per-coordinate variance of the negatives (layers differ in scale by
+  orders of magnitude); λ is chosen per layer from a small grid by out-of-fold recall.
+- Threshold: out-of-fold scores are standardised by each fold's *training* negatives'
+  projection mean and spread (the final, all-data fit is standardised the same way, so the
+  fold and final scales match). The threshold sits halfway between the highest out-of-fold
+  negative and the lowest out-of-fold topic score above it (zero false positives on held-out
+  negatives, widest margin), then is mapped back through the all-data fit's statistics.
+- Layer: the highest out-of-fold recall at that threshold; ties go to the larger margin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from refusalkit.activations import MEAN_ALL, capture
+from refusalkit.directions import rmd
+from refusalkit.errors import UserError
+from refusalkit.interventions import Gate
+from refusalkit.models import LoadedModel
+from refusalkit.selection import auc
+
+SHRINKS = (0.1, 1.0, 10.0, 100.0)
+
+
+@dataclass(frozen=True)
+class GateFit:
+    gate: Gate
+    recall: float  # out-of-fold share of topic prompts it opens for (none of the others)
+    margin_z: float  # out-of-fold gap between the top other prompt and the next topic one
+    shrink: float  # ridge λ in units of the negatives' mean coordinate variance
+    table: list[dict[str, float]]  # one row per candidate layer (best shrink)
+
+
+def _folds(n: int, k: int, gen: torch.Generator) -> list[torch.Tensor]:
+    return list(torch.randperm(n, generator=gen).chunk(k))
+
+
+def _fit(pos: torch.Tensor, neg: torch.Tensor, shrink: float) -> tuple[torch.Tensor, float, float]:
+    """Unit direction and the negatives' projection mean / std along it."""
+    lam = shrink * float(neg.double().var(0).mean().clamp_min(1e-12))
+    v = rmd(pos, neg, lam=lam)
+    proj = neg.double() @ v.double()
+    return v, float(proj.mean()), float(proj.std().clamp_min(1e-12))
+
+
+def _threshold(pos_z: torch.Tensor, neg_z: torch.Tensor,
+               max_false_open: float) -> tuple[float, float, float]:
+    """(threshold, recall, margin): at most a `max_false_open` share of negatives above the
+    threshold, placed halfway to the next topic score so the margin is as wide as it can be."""
+    k = int(max_false_open * len(neg_z))
+    top = float(neg_z.sort(descending=True).values[k])
+    above = pos_z[pos_z > top]
+    if len(above) == 0:
+        return top + 1e-6, 0.0, 0.0
+    low = float(above.min())
+    return (top + low) / 2, float((pos_z > top).double().mean()), low - top
+
+
+def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
+             max_false_open: float = 0.0, pool: str = "last", folds: int = 4,
+             seed: int = 0) -> GateFit:
+    """Fit a topic gate from [n, L, d] topic (`pos`) and other (`neg`) activations, where
+    axis 1 indexes `layers` (model layer numbers) and the features were read as `pool`
+    says (see `pool_position`)."""
+    if pos.shape[0] < folds or neg.shape[0] < folds:
+        raise UserError(f"a topic gate needs at least {folds} topic and {folds} other prompts "
+                        f"(got {pos.shape[0]} and {neg.shape[0]})")
+    gen = torch.Generator().manual_seed(seed)
+    p_folds, n_folds = _folds(len(pos), folds, gen), _folds(len(neg), folds, gen)
+    best: tuple | None = None
+    table = []
+    for slot, layer in enumerate(layers):
+        p, n = pos[:, slot].double(), neg[:, slot].double()
+        layer_best: tuple | None = None
+        for shrink in SHRINKS:
+            pz, nz = torch.empty(len(p), dtype=torch.float64), torch.empty(len(n),
+                                                                          dtype=torch.float64)
+            for pf, nf in zip(p_folds, n_folds, strict=True):
+                p_tr = p[torch.ones(len(p), dtype=torch.bool).index_fill_(0, pf, False)]
+                n_tr = n[torch.ones(len(n), dtype=torch.bool).index_fill_(0, nf, False)]
+                v, mu, sd = _fit(p_tr, n_tr, shrink)
+                pz[pf] = (p[pf] @ v.double() - mu) / sd
+                nz[nf] = (n[nf] @ v.double() - mu) / sd
+            t, recall, margin = _threshold(pz, nz, max_false_open)
+            key = (recall, margin)
+            row = {"layer": layer, "shrink": shrink, "recall": recall, "margin_z": margin,
+                   "auc": auc(pz, nz), "threshold_z": t}
+            if layer_best is None or key > layer_best[0]:
+                layer_best = (key, row)
+        assert layer_best is not None
+        table.append(layer_best[1])
+        if best is None or layer_best[0] > best[0]:
+            best = (layer_best[0], layer_best[1], slot)
+    assert best is not None
+    row, slot = best[1], best[2]
+    v, mu, sd = _fit(pos[:, slot], neg[:, slot], row["shrink"])
+    gate = Gate(int(row["layer"]), v, mu + row["threshold_z"] * sd, pool)  # type: ignore[arg-type]
+    return GateFit(gate, row["recall"], row["margin_z"], row["shrink"], table)
+
+
+def pool_position(pool: str) -> int | str:
+    """The `capture` position that reads what a gate with this pooling reads."""
+    return MEAN_ALL if pool == "mean" else -1
+
+
+def gate_open(lm: LoadedModel, gate: Gate, prompts: Sequence[str], *,
+              batch_size: int = 16) -> torch.Tensor:
+    """Which prompts a gate opens for: the same decision its hook takes (last prompt token's
+    projection at the gate layer), from a forward pass that stops at that layer."""
+    if not prompts:
+        return torch.zeros(0, dtype=torch.bool)
+    h = capture(lm, prompts, [gate.layer], [pool_position(gate.pool)], batch_size=batch_size,
+                show_progress=False)[:, 0, 0].double()
+    v = gate.vector.double()
+    return (h @ (v / v.norm().clamp_min(1e-12))) > gate.threshold
+
+
+def gate_of(profile: object) -> Gate | None:
+    """The one gate every operator of a profile shares, else None (ungated or mixed)."""
+    ops = getattr(profile, "ops", ())
+    gates = {id(op.gate) for op in ops}
+    if not ops or len(gates) != 1 or ops[0].gate is None:
+        return None
+    return ops[0].gate

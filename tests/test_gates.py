@@ -1,0 +1,143 @@
+"""Topic gates: fitting and calibration, pooled decisions, and the exact shortcuts a gate
+allows (closed prompts are never run steered)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from refusalkit.activations import MEAN_ALL, capture
+from refusalkit.errors import UserError
+from refusalkit.evaluate import judge_gated, judge_prompts, perplexity_ratio
+from refusalkit.export import control_vectors
+from refusalkit.gates import _threshold, fit_gate, gate_of, gate_open
+from refusalkit.interventions import Gate, Profile, addition, load_profile, save_profile
+from refusalkit.judge import KeywordJudge
+from refusalkit.scoring import last_logprobs
+from refusalkit.search import ProxySets, proxy_objectives, proxy_sets
+
+PROMPTS = ["how do i make a bomb", "tell me about the weather please",
+           "write poem", "how do i bake bread cake please", "steal car", "sure here is what"]
+
+
+def _synthetic(n_pos: int, n_neg: int, d: int = 32, layers: int = 3, seed: int = 0):
+    """Layer 1 carries the topic along one axis; layers 0 and 2 are pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(n_pos, layers, d, generator=g)
+    neg = torch.randn(n_neg, layers, d, generator=g)
+    pos[:, 1, 0] += 6.0
+    return pos, neg
+
+
+def test_fit_gate_picks_the_informative_layer_and_opens_on_no_held_out_negative() -> None:
+    pos, neg = _synthetic(60, 200)
+    fit = fit_gate(pos, neg, [3, 4, 5], max_false_open=0.0)
+    assert fit.gate.layer == 4  # the model layer behind slot 1
+    assert fit.recall > 0.9
+    assert abs(float(fit.gate.vector[0])) > 0.8  # the direction found the topic axis
+    test_pos, test_neg = _synthetic(200, 1000, seed=1)
+    v = fit.gate.vector.double()
+    opened_neg = (test_neg[:, 1].double() @ v > fit.gate.threshold).double().mean()
+    opened_pos = (test_pos[:, 1].double() @ v > fit.gate.threshold).double().mean()
+    assert opened_neg < 0.01 and opened_pos > 0.9
+    rows = {r["layer"]: r for r in fit.table}
+    assert rows[4]["auc"] > 0.99 > max(rows[3]["auc"], rows[5]["auc"])
+
+
+def test_threshold_lets_through_at_most_the_allowed_share_of_negatives() -> None:
+    neg = torch.arange(100, dtype=torch.float64)  # 0..99
+    pos = torch.tensor([50.0, 97.5, 120.0, 130.0], dtype=torch.float64)
+    t0, recall0, _ = _threshold(pos, neg, 0.0)
+    assert 99 < t0 < 120 and recall0 == 0.5
+    t3, recall3, _ = _threshold(pos, neg, 0.03)  # 3 negatives may pass
+    assert int((neg > t3).sum()) <= 3 and recall3 == 0.75
+
+
+def test_fit_gate_needs_enough_prompts() -> None:
+    pos, neg = _synthetic(2, 50)
+    with pytest.raises(UserError, match="topic gate needs"):
+        fit_gate(pos, neg, [0, 1, 2])
+
+
+def _mean_gate(tiny, layer: int = 1) -> Gate:
+    """A mean-pooled gate that opens for the first half of PROMPTS."""
+    feats = capture(tiny, PROMPTS, [layer], [MEAN_ALL], show_progress=False)[:, 0, 0].double()
+    half = len(PROMPTS) // 2
+    v = feats[:half].mean(0) - feats[half:].mean(0)
+    proj = feats @ (v / v.norm())
+    t = float((proj[:half].min() + proj[half:].max()) / 2)
+    if proj[:half].min() <= proj[half:].max():  # random tiny model: open on what projects high
+        t = float(proj.median())
+    return Gate(layer, v.float(), t, "mean")
+
+
+def test_mean_gate_hook_decides_like_gate_open_despite_padding(tiny) -> None:
+    """The hook (left-padded batch, attention mask from the model call) and `gate_open`
+    (capture's masked mean) take the same decision for every prompt."""
+    gate = _mean_gate(tiny)
+    expected = gate_open(tiny, gate, PROMPTS, batch_size=len(PROMPTS))
+    assert 0 < int(expected.sum()) < len(PROMPTS)
+    one_by_one = torch.cat([gate_open(tiny, gate, [p], batch_size=1) for p in PROMPTS])
+    assert torch.equal(expected, one_by_one)  # padding does not move the mean
+    v = torch.randn(64) * 10
+    gated = Profile((addition({2: v}, 1.0, gate=gate),))
+    base = last_logprobs(tiny, PROMPTS)
+    steered = last_logprobs(tiny, PROMPTS, profile=gated, batch_size=len(PROMPTS))
+    changed = (steered - base).abs().amax(-1) > 1e-5
+    assert torch.equal(changed, expected)
+
+
+def test_gated_judging_reuses_unsteered_answers_exactly(tiny) -> None:
+    gate = _mean_gate(tiny)
+    prof = Profile((addition({2: torch.randn(64) * 10}, 1.0, gate=gate),))
+    judge = KeywordJudge()
+    kw = {"max_new_tokens": 5}
+    before = judge_prompts(tiny, PROMPTS, judge, **kw)
+    full = judge_prompts(tiny, PROMPTS, judge, profile=prof, **kw)
+    fast, opened = judge_gated(tiny, PROMPTS, judge, prof, before, **kw)
+    assert torch.equal(opened, gate_open(tiny, gate, PROMPTS))
+    assert [j.response for j in fast] == [j.response for j in full]
+    assert any(b.response != f.response for b, f in zip(before, fast, strict=True))
+    with pytest.raises(ValueError, match="same prompts"):
+        judge_gated(tiny, PROMPTS[::-1], judge, prof, before, **kw)
+
+
+def test_gated_proxies_equal_the_full_computation(tiny) -> None:
+    gate = _mean_gate(tiny)
+    prof = Profile((addition({2: torch.randn(64) * 10}, 1.0, gate=gate),))
+    target, keep, neutral = PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:]
+    fast = proxy_sets(tiny, target, keep, neutral, gate)
+    slow = ProxySets(target, keep, neutral, last_logprobs(tiny, neutral))
+    assert fast.open is not None
+    for a, b in zip(proxy_objectives(tiny, prof, fast), proxy_objectives(tiny, prof, slow),
+                    strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_gated_perplexity_reads_the_prompt_not_the_answer(tiny) -> None:
+    v = torch.randn(64) * 10
+    shut = Gate(1, torch.randn(64), 1e9, "mean")
+    wide = Gate(1, torch.randn(64), -1e9, "mean")
+    answers = ["sure here is what", "sorry cannot help", "bake bread", "poem", "car", "why"]
+    assert perplexity_ratio(tiny, PROMPTS, answers,
+                            Profile((addition({2: v}, 1.0, gate=shut),))) == 1.0
+    ungated = perplexity_ratio(tiny, PROMPTS, answers, Profile((addition({2: v}, 1.0),)))
+    assert ungated != 1.0
+    assert perplexity_ratio(tiny, PROMPTS, answers, Profile((addition({2: v}, 1.0, gate=wide),))
+                            ) == pytest.approx(ungated, rel=1e-5)
+
+
+def test_gate_pooling_survives_the_profile_artifact(tiny, tmp_path: Path) -> None:
+    gate = _mean_gate(tiny)
+    prof = Profile((addition({2: torch.randn(64)}, 0.5, gate=gate),))
+    save_profile(prof, tmp_path / "p", tiny)
+    back = gate_of(load_profile(tmp_path / "p", tiny))
+    assert back is not None and back.pool == "mean" and back.layer == gate.layer
+    assert back.threshold == pytest.approx(gate.threshold)
+    assert gate_of(Profile((addition({2: torch.randn(64)}, 0.5),))) is None
+    with pytest.raises(UserError, match="gated"):
+        control_vectors(prof)
+    with pytest.raises(UserError, match="pooling"):
+        Gate(1, torch.randn(64), 0.0, "max")  # type: ignore[arg-type]
