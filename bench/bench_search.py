@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 import refusalkit.steer as steer_mod
 from refusalkit.config import load_config, read_toml
 from refusalkit.evaluate import judge_prompts
+from refusalkit.interventions import Gate
 from refusalkit.judge import make_judge
 from refusalkit.models import load_model
 from refusalkit.runs import atomic_write_json
@@ -71,12 +72,14 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
     st = run / "stages"
     base = _read(st / "baseline.json")
     searched = _read(st / "search.json")
-    acts = load_file(str(st / "activations.safetensors"))
     dirs = load_file(str(st / "directions.safetensors"))
     data = steer_mod.split_data(cfg)
     remove = cfg.mode == "remove"
     space = steer_mod._space(lm, cfg)
-    gate = steer_mod._topic_gate(lm, dirs["topic"], acts, cfg)
+    gate = None
+    if (st / "gate.json").is_file():
+        g = _read(st / "gate.json")
+        gate = Gate(g["layer"], torch.tensor(g["vector"]), g["threshold"], g["pool"])
     # The same target/keep sets run_steer's verify stage judges (see steer.py, step 5).
     refused = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] > 0.1]
     answered = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] < -0.1]
@@ -84,7 +87,7 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
     keep = ([r["prompt"] for r in base["safety_fit"] if r["confidence"] > 0.1] if remove
             else list(data["neutral"]))
     keep = keep[: cfg.data.n_proxy] or data["safety_fit"][: cfg.data.n_proxy]
-    t_set = [data["target_fit"][i] for i in pick]
+    t_set = [data["target_fit"][i] for i in pick[: cfg.search.verify_prompts]]
     judge = make_judge(cfg.judge.spec)
     jk = {"mode": cfg.judge.mode, "k": cfg.judge.k, "max_new_tokens": cfg.judge.max_new_tokens,
           "seed": cfg.seed, "batch_size": cfg.batch_size, "show_progress": False}

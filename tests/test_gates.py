@@ -12,7 +12,7 @@ from refusalkit.activations import MEAN_ALL, capture
 from refusalkit.errors import UserError
 from refusalkit.evaluate import judge_gated, judge_prompts, perplexity_ratio
 from refusalkit.export import control_vectors
-from refusalkit.gates import _threshold, fit_gate, gate_of, gate_open
+from refusalkit.gates import _threshold, fit_gate, gate_of, gate_open, wilson_upper
 from refusalkit.interventions import Gate, Profile, addition, load_profile, save_profile
 from refusalkit.judge import KeywordJudge
 from refusalkit.scoring import last_logprobs
@@ -111,9 +111,27 @@ def test_gated_proxies_equal_the_full_computation(tiny) -> None:
     fast = proxy_sets(tiny, target, keep, neutral, gate)
     slow = ProxySets(target, keep, neutral, last_logprobs(tiny, neutral))
     assert fast.open is not None
-    for a, b in zip(proxy_objectives(tiny, prof, fast), proxy_objectives(tiny, prof, slow),
-                    strict=True):
+    for a, b in zip(proxy_objectives(tiny, prof, fast)[:3],
+                    proxy_objectives(tiny, prof, slow)[:3], strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_a_shut_gate_is_not_free_its_leak_rate_prices_the_lifted_kl(tiny) -> None:
+    """Gated trials all tie at KL 0 where the gate stays shut; the expected KL prices what a
+    leak would cost, so a trial that wrecks the prompts it reaches does not look free."""
+    shut = Gate(1, torch.randn(64), 1e9, "mean")
+    v = torch.randn(64)
+    strong = Profile((addition({2: v}, 50.0, gate=shut),))
+    gentle = Profile((addition({2: v}, 0.5, gate=shut),))
+    free = proxy_sets(tiny, PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:], shut)
+    priced = proxy_sets(tiny, PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:], shut, leak=0.01)
+    assert proxy_objectives(tiny, strong, free).kl == 0.0
+    p_strong, p_gentle = proxy_objectives(tiny, strong, priced), proxy_objectives(tiny, gentle,
+                                                                                 priced)
+    assert p_strong.kl == pytest.approx(0.01 * p_strong.kl_lifted, rel=1e-5)
+    assert p_strong.kl > p_gentle.kl > 0.0
+    assert wilson_upper(0, 320) == pytest.approx(0.0084, abs=5e-4)
+    assert wilson_upper(3, 320) > wilson_upper(0, 320)
 
 
 def test_gated_perplexity_reads_the_prompt_not_the_answer(tiny) -> None:

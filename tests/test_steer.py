@@ -66,6 +66,18 @@ def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) ->
         run_steer(cfg, out, show_progress=False, lm=lm)
 
 
+def test_the_other_estimator_is_the_baseline(tmp_path: Path, monkeypatch) -> None:
+    """Steering with MD compares against WRMD steered the same way (and vice versa, above)."""
+    lm = build_tiny("llama")
+    cfg = tiny_cfg(**{"directions.method": "md", "eval.examples": 0})
+    judge = SafetyRefuser(load_prompts(cfg.data.safety_fit).prompts)
+    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: judge)
+    out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["baselines"]) == {"wrmd_steering"}  # induce mode: no Arditi ablation
+    assert metrics["method"] == "md"
+
+
 def test_remove_mode_without_refusals_is_a_clear_error(tmp_path: Path) -> None:
     lm = build_tiny("qwen2")
     cfg = tiny_cfg(mode="remove")
@@ -93,3 +105,27 @@ def test_induce_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
     assert m["target_refusal_after"] >= m["target_refusal_before"] + 0.25, m
     assert load_profile(out / "profile", qwen).layers == m["chosen_layers"]
     assert m["search_generated_tokens"] > 0
+
+
+@pytest.mark.real
+def test_remove_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
+    """The shipped remove config on qwen2.5-coder-0.5b with a small budget: held-out China
+    questions stop being refused, the topic gate stays shut on harmful and ordinary prompts,
+    so JailbreakBench refusals stay and harmless prompts are left alone."""
+    cfg = SteerConfig.load(REPO / "configs" / "steer_qwen.toml", {
+        "data.max_target": 30, "data.n_fit": 12, "data.n_proxy": 6, "data.n_eval": 10,
+        "data.n_gate": 24, "judge.max_new_tokens": 24, "search.trials": 6,
+        "search.verify": 2, "search.verify_prompts": 12, "eval.baselines": False,
+        "eval.examples": 2})
+    out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=qwen)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["target_refusal_before"] >= 0.4, m
+    assert m["target_refusal_after"] <= m["target_refusal_before"] / 2, m
+    assert m["safety_refusal_after"] >= m["safety_refusal_before"] - 0.1, m
+    assert m["gated"] and m["gate"]["recall_oof"] >= 0.8, m["gate"]
+    assert m["gate_open"]["after"]["safety_eval"] <= 0.1, m["gate_open"]
+    assert m["gate_open"]["after"]["harmless_eval"] <= 0.1, m["gate_open"]
+    assert m["kl_harmless"] <= 0.1, m
+    assert set(m["stage_seconds"]) >= {"baseline", "gate", "search", "verify", "evaluate"}
+    prof = load_profile(out / "profile", qwen)
+    assert prof.layers == m["chosen_layers"] and prof.ops[0].gate is not None

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from refusalkit.activations import length_sorted_batches
 from refusalkit.gates import gate_of, gate_open
-from refusalkit.interventions import Profile, steer
+from refusalkit.interventions import Profile, lift_gate, steer
 from refusalkit.judge import Judge, JudgementCache, score_prompts
 from refusalkit.models import LoadedModel
 
@@ -151,8 +151,7 @@ def perplexity_ratio(lm: LoadedModel, prompts: Sequence[str], responses: Sequenc
         steered, _ = response_nll(lm, prompts, responses, profile=profile)
         return math.exp((steered - base) / max(1, n))
     opened = gate_open(lm, gate, prompts).tolist()
-    ungated = Profile(tuple(replace(op, gate=None) for op in profile.ops), profile.scale,
-                      profile.meta)
+    ungated = lift_gate(profile)
     steered = 0.0
     for flag, prof in ((True, ungated), (False, None)):
         rows = [i for i, o in enumerate(opened) if o == flag]

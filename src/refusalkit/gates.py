@@ -22,6 +22,7 @@ Choices, written down:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class GateFit:
     gate: Gate
     recall: float  # out-of-fold share of topic prompts it opens for (none of the others)
     margin_z: float  # out-of-fold gap between the top other prompt and the next topic one
+    leak: float  # 95 % upper bound (Wilson) of the out-of-fold false-open rate
     shrink: float  # ridge λ in units of the negatives' mean coordinate variance
     table: list[dict[str, float]]  # one row per candidate layer (best shrink)
 
@@ -56,6 +58,17 @@ def _fit(pos: torch.Tensor, neg: torch.Tensor, shrink: float) -> tuple[torch.Ten
     v = rmd(pos, neg, lam=lam)
     proj = neg.double() @ v.double()
     return v, float(proj.mean()), float(proj.std().clamp_min(1e-12))
+
+
+def wilson_upper(k: int, n: int, z: float = 1.645) -> float:
+    """One-sided 95 % Wilson upper bound of a rate seen k times in n (never 0 for k = 0: a
+    detector that erred on none of 300 prompts can still err on the next one)."""
+    if n <= 0:
+        return 1.0
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
 def _threshold(pos_z: torch.Tensor, neg_z: torch.Tensor,
@@ -99,7 +112,8 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
             t, recall, margin = _threshold(pz, nz, max_false_open)
             key = (recall, margin)
             row = {"layer": layer, "shrink": shrink, "recall": recall, "margin_z": margin,
-                   "auc": auc(pz, nz), "threshold_z": t}
+                   "auc": auc(pz, nz), "threshold_z": t,
+                   "leak": wilson_upper(int((nz > t).sum()), len(nz))}
             if layer_best is None or key > layer_best[0]:
                 layer_best = (key, row)
         assert layer_best is not None
@@ -110,7 +124,7 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     row, slot = best[1], best[2]
     v, mu, sd = _fit(pos[:, slot], neg[:, slot], row["shrink"])
     gate = Gate(int(row["layer"]), v, mu + row["threshold_z"] * sd, pool)  # type: ignore[arg-type]
-    return GateFit(gate, row["recall"], row["margin_z"], row["shrink"], table)
+    return GateFit(gate, row["recall"], row["margin_z"], row["leak"], row["shrink"], table)
 
 
 def pool_position(pool: str) -> int | str:

@@ -90,6 +90,14 @@ def addition(vectors: Mapping[int, torch.Tensor], strengths: Mapping[int, float]
     return Op("add", dict(vectors), dict(strengths), phase, gate)
 
 
+def lift_gate(profile: Profile) -> Profile:
+    """The profile with every gate removed (itself when it has none): what a gated profile
+    does to a prompt its gate opens for."""
+    if all(op.gate is None for op in profile.ops):
+        return profile
+    return replace(profile, ops=tuple(replace(op, gate=None) for op in profile.ops))
+
+
 def ablation(direction: torch.Tensor | Mapping[int, torch.Tensor], layers: list[int],
              phase: Phase = "both") -> Op:
     """Project a direction (unit-normalised here) out of the stream at the given layers."""

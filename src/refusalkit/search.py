@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import optuna
 import torch
 
 from refusalkit.gates import gate_of, gate_open
-from refusalkit.interventions import Gate, Profile, addition
+from refusalkit.interventions import Gate, Profile, addition, lift_gate
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import kl_divergence, last_logprobs, refusal_log_odds, refusal_token_ids
 
@@ -51,10 +51,18 @@ class ProxySets:
     target_base: torch.Tensor | None = None
     keep_base: torch.Tensor | None = None
     open: Mapping[str, torch.Tensor] | None = None  # "target" / "keep" / "neutral" -> bool [n]
+    leak: float = 0.0  # the gate's estimated false-open rate on ordinary prompts
+
+
+class Proxies(NamedTuple):
+    target: float  # mean first-token refusal log-odds on the target prompts
+    keep: float  # the same on the prompts whose behaviour must stay
+    kl: float  # (expected) next-token KL on neutral prompts
+    kl_lifted: float  # gated profiles: the KL with the gate lifted (what a leak costs)
 
 
 def proxy_sets(lm: LoadedModel, target: Sequence[str], keep: Sequence[str],
-               neutral: Sequence[str], gate: Gate | None = None,
+               neutral: Sequence[str], gate: Gate | None = None, leak: float = 0.0,
                batch_size: int = 16) -> ProxySets:
     """Unsteered log-probs of every proxy set and, with a gate, its decisions."""
     def base(ps: Sequence[str]) -> torch.Tensor:
@@ -64,7 +72,8 @@ def proxy_sets(lm: LoadedModel, target: Sequence[str], keep: Sequence[str],
     if gate is not None:
         opened = {name: gate_open(lm, gate, ps, batch_size=batch_size)
                   for name, ps in (("target", target), ("keep", keep), ("neutral", neutral))}
-    return ProxySets(target, keep, neutral, base(neutral), base(target), base(keep), opened)
+    return ProxySets(target, keep, neutral, base(neutral), base(target), base(keep), opened,
+                     leak)
 
 
 def _steered(lm: LoadedModel, prompts: Sequence[str], profile: Profile,
@@ -96,8 +105,14 @@ def build_profile(params: dict[str, Any], directions: torch.Tensor, gaps: Sequen
 
 
 def proxy_objectives(lm: LoadedModel, profile: Profile, sets: ProxySets,
-                     batch_size: int = 16) -> tuple[float, float, float]:
-    """(target refusal log-odds, keep refusal log-odds, neutral KL) under a profile."""
+                     batch_size: int = 16) -> Proxies:
+    """The cheap objectives of a profile.
+
+    A gated profile's KL is its expected KL: prompts the gate opens count in full, shut ones
+    at `sets.leak` × their KL with the gate lifted. A shut gate is the decision of a detector
+    that errs on held-out prompts, and a trial that wrecks any prompt it reaches must not look
+    free (gated trials otherwise all tie at KL 0, and the strongest — incoherent — wins).
+    """
     ids = refusal_token_ids(lm)
     opened = sets.open or {}
 
@@ -107,8 +122,16 @@ def proxy_objectives(lm: LoadedModel, profile: Profile, sets: ProxySets,
     target = refusal_log_odds(run("target", sets.target, sets.target_base), ids).mean()
     keep = refusal_log_odds(run("keep", sets.keep, sets.keep_base), ids).mean()
     neutral = run("neutral", sets.neutral, sets.neutral_base)
-    kl = kl_divergence(sets.neutral_base, neutral).mean()
-    return float(target), float(keep), float(kl)
+    kl_rows = kl_divergence(sets.neutral_base, neutral)
+    lifted = lift_gate(profile)
+    if lifted is profile or sets.leak <= 0:
+        return Proxies(float(target), float(keep), float(kl_rows.mean()), float("nan"))
+    lift_rows = kl_divergence(sets.neutral_base, last_logprobs(lm, sets.neutral, profile=lifted,
+                                                               batch_size=batch_size))
+    # rows the gate shuts (unknown without decisions: then every row ran steered, in full)
+    shut = (~opened["neutral"]).to(kl_rows.dtype) if "neutral" in opened else 0.0
+    expected = kl_rows + shut * sets.leak * lift_rows
+    return Proxies(float(target), float(keep), float(expected.mean()), float(lift_rows.mean()))
 
 
 def run_study(
@@ -149,11 +172,14 @@ def run_study(
         else:
             params["gate"] = space.gate_choices[0]
         profile = build_profile(params, directions, gaps, space, gate)
-        target, keep, kl = proxy_objectives(lm, profile, sets)
+        target, keep, kl, kl_lifted = proxy_objectives(lm, profile, sets)
         s = space.sign
+        trial.set_user_attr("gate", bool(params["gate"]))  # not sampled when fixed
         trial.set_user_attr("target", target)
         trial.set_user_attr("keep", keep)
         trial.set_user_attr("kl", kl)
+        if kl_lifted == kl_lifted:  # not NaN
+            trial.set_user_attr("kl_lifted", kl_lifted)
         if on_trial is not None:
             on_trial(trial.number)
         # remove (s=-1): lower target refusal, keep safety refusal high; induce (s=+1): raise
@@ -173,9 +199,43 @@ def within_kl_budget(items: list[T], kl: Callable[[T], float], kl_max: float,
     return ok or sorted(items, key=kl)[:n]
 
 
-def pareto_candidates(study: optuna.Study, kl_max: float, n: int) -> list[dict[str, Any]]:
-    """Up to n Pareto-optimal trials within the KL budget, best target objective first."""
-    front = within_kl_budget(study.best_trials, lambda t: t.user_attrs.get("kl", 1e9), kl_max,
-                             n)
-    front.sort(key=lambda t: t.values[0])
-    return [{"number": t.number, "params": dict(t.params), **t.user_attrs} for t in front[:n]]
+def trial_params(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """All of a trial's parameters: a gate choice the space fixes is not sampled, so it is
+    kept in the trial's user attributes."""
+    return {"gate": bool(t.user_attrs.get("gate", False)), **t.params}
+
+
+def trial_record(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {"number": t.number, **t.user_attrs, "params": trial_params(t)}
+
+
+def pareto_candidates(study: optuna.Study, kl_max: float, n: int,
+                      base_objective: float | None = None) -> list[dict[str, Any]]:
+    """Up to n trials to generate and judge, from the Pareto front within the KL budget.
+
+    With `base_objective` (the unsteered model's target objective), the candidates are spread
+    evenly along the front, from its strongest trial to the gentlest one that still has at
+    least half the strongest one's effect on the target proxy: the proxy saturates long before
+    answers stop making sense, so the judged check must see gentler settings too. Without it,
+    the best target objectives come first. A front smaller than n is filled with the next best
+    trials within the budget.
+    """
+    kl = lambda t: t.user_attrs.get("kl", 1e9)  # noqa: E731
+    front = sorted(within_kl_budget(study.best_trials, kl, kl_max, n), key=lambda t: t.values[0])
+    if base_objective is not None and front:
+        half = base_objective + 0.5 * (front[0].values[0] - base_objective)
+        front = _spread([t for t in front if t.values[0] <= half] or front[:1], n)
+    done = [t for t in study.trials if t.values is not None]
+    rest = sorted((t for t in within_kl_budget(done, kl, kl_max, n) if t not in front),
+                  key=lambda t: t.values[0])
+    return [trial_record(t) for t in (front + rest)[:n]]
+
+
+def _spread(items: list[T], n: int) -> list[T]:
+    """n items evenly spaced over a sorted list, both ends included."""
+    if len(items) <= n:
+        return items
+    if n == 1:
+        return items[:1]
+    picks = sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})
+    return [items[i] for i in picks]

@@ -8,7 +8,6 @@ stays); mode `induce` adds a refusal direction on one topic, optionally behind a
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,19 +17,28 @@ import torch
 
 from refusalkit.activations import capture
 from refusalkit.artifacts import dataset_record, model_record
-from refusalkit.directions import get_method, mean_difference, per_layer
+from refusalkit.directions import get_method, per_layer
 from refusalkit.errors import UserError
 from refusalkit.evaluate import Judged, judge_gated, judge_prompts
 from refusalkit.gates import fit_gate, pool_position
-from refusalkit.interventions import Gate, Profile, ablation, save_profile
+from refusalkit.interventions import Gate, Profile, save_profile
 from refusalkit.judge import JudgementCache, make_judge
+from refusalkit.judge.guard import guarded
 from refusalkit.models import LoadedModel, load_model
 from refusalkit.prompts import load_prompts
 from refusalkit.runs import RunDir, check_run_folder, run_manifest
-from refusalkit.search import SearchSpace, build_profile, pareto_candidates, proxy_sets, run_study
-from refusalkit.selection import arditi_select, auc, depth_window
+from refusalkit.scoring import refusal_log_odds, refusal_token_ids
+from refusalkit.search import (
+    SearchSpace,
+    build_profile,
+    pareto_candidates,
+    proxy_sets,
+    run_study,
+    trial_record,
+)
+from refusalkit.selection import auc
 from refusalkit.steer_config import SteerConfig
-from refusalkit.steer_eval import evaluate_all, write_report
+from refusalkit.steer_eval import arditi_baseline, arditi_profile, evaluate_all, write_report
 
 
 def split_data(cfg: SteerConfig) -> dict[str, list[str]]:
@@ -74,7 +82,9 @@ def run_steer(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
     t_start = time.perf_counter()
     data = split_data(cfg)
     check_run_folder(out, resume)  # fail before the (slow) model load
-    judge = make_judge(cfg.judge.spec)
+    # Looping output counts as refusal whatever the judge: steering pushed too far loops, and
+    # must not pass for steering that works (judge/guard.py).
+    judge = guarded(make_judge(cfg.judge.spec))
     lm = lm or load_model(cfg.model)
     manifest = run_manifest("steer", cfg.model_dump(mode="json"), model=model_record(lm),
                             datasets=[dataset_record(k, v) for k, v in data.items()],
@@ -115,17 +125,21 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
     # 3. directions per layer
     def directions() -> dict[str, torch.Tensor]:
         refused, complied, w_r, w_c = _classes(acts, c_target, remove, c_safety)
-        method = cfg.directions.method
-        kwargs: dict[str, Any] = {}
-        if method in ("rmd", "wrmd"):
-            kwargs["lam"] = cfg.directions.lam
-        if method == "wrmd":
-            kwargs.update(w_refused=w_r, w_complied=w_c, neutral=acts["neutral"])
-        dirs = per_layer(get_method(method), refused, complied, **kwargs)
+
+        def estimate(method: str) -> torch.Tensor:
+            kwargs: dict[str, Any] = {}
+            if method in ("rmd", "wrmd"):
+                kwargs["lam"] = cfg.directions.lam
+            if method == "wrmd":
+                kwargs.update(w_refused=w_r, w_complied=w_c, neutral=acts["neutral"])
+            return per_layer(get_method(method), refused, complied, **kwargs)
+
+        dirs = estimate(cfg.directions.method)
         gaps = torch.stack([(refused[:, i] @ dirs[i]).mean() - (complied[:, i] @ dirs[i]).mean()
                             for i in all_layers])
-        md = per_layer(mean_difference, refused, complied)
-        return {"directions": dirs, "gaps": gaps, "md": md}
+        # the other estimator of the md / wrmd pair, steered the same way as a baseline
+        return {"directions": dirs, "gaps": gaps,
+                **{m: estimate(m) for m in BASELINE_METHODS if m != cfg.directions.method}}
 
     dirs = run.tensor_stage("directions", directions)
 
@@ -149,8 +163,9 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
     # 5. topic gate, then automatic multi-layer selection
     gate = None
     if cfg.search.gate != "off":
-        rec = run.stage("gate", lambda: _fit_topic_gate(lm, acts, data, cfg, show_progress))
-        gate = Gate(rec["layer"], torch.tensor(rec["vector"]), rec["threshold"], rec["pool"])
+        gate_rec = run.stage("gate", lambda: _fit_topic_gate(lm, acts, data, cfg, show_progress))
+        gate = Gate(gate_rec["layer"], torch.tensor(gate_rec["vector"]), gate_rec["threshold"],
+                    gate_rec["pool"])
     space = _space(lm, cfg)
     refused_idx = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] > 0.1]
     answered_idx = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] < -0.1]
@@ -167,14 +182,18 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
 
     def search() -> dict[str, Any]:
         sets = proxy_sets(lm, target_proxy, keep_proxy, data["neutral_proxy"], gate,
+                          leak=gate_rec["leak"] if gate is not None else 0.0,
                           batch_size=cfg.batch_size)
         study = run_study(lm, dirs["directions"], dirs["gaps"].tolist(), space, sets,
                           trials=cfg.search.trials, storage=run.file("study.sqlite"),
                           seed=cfg.seed, gate=gate)
-        trials = [{"number": t.number, "params": dict(t.params), **t.user_attrs}
-                  for t in study.trials if t.values is not None]
-        return {"trials": trials,
-                "candidates": pareto_candidates(study, cfg.search.kl_max, cfg.search.verify)}
+        trials = [trial_record(t) for t in study.trials if t.values is not None]
+        assert sets.target_base is not None
+        unsteered = float(refusal_log_odds(sets.target_base, refusal_token_ids(lm)).mean())
+        base_obj = -space.sign * unsteered
+        return {"trials": trials, "unsteered_target": unsteered,
+                "candidates": pareto_candidates(study, cfg.search.kl_max, cfg.search.verify,
+                                                base_objective=base_obj)}
 
     searched = run.stage("search", search)
 
@@ -213,12 +232,14 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
     # 6. held-out evaluation, with the baselines users would otherwise use
     baselines: dict[str, Profile] = {}
     if cfg.eval.baselines:
-        md_prof = build_profile(chosen["params"], dirs["md"], _gaps(acts, dirs["md"], c_target,
-                                                                    remove, c_safety), space, gate)
-        baselines["md_steering"] = md_prof
+        for m in BASELINE_METHODS:
+            if m in dirs:
+                baselines[f"{m}_steering"] = build_profile(
+                    chosen["params"], dirs[m], _gaps(acts, dirs[m], c_target, remove, c_safety),
+                    space, gate)
         if remove:
-            rec = run.stage("arditi", lambda: _arditi(lm, acts, data, base, cfg))
-            baselines["arditi_ablation"] = _arditi_profile(rec, lm)
+            rec = run.stage("arditi", lambda: arditi_baseline(lm, acts, data, base, cfg))
+            baselines["arditi_ablation"] = arditi_profile(rec, lm)
 
     metrics = run.stage("evaluate", lambda: evaluate_all(lm, data, judge, profile, baselines,
                                                          jk, cfg))
@@ -231,7 +252,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
         "search_trials": len(searched["trials"]),
     })
     if gate is not None:
-        metrics["gate"] = {k: v for k, v in rec.items() if k not in ("vector", "layers")}
+        metrics["gate"] = {k: v for k, v in gate_rec.items() if k not in ("vector", "layers")}
     timings = run.read_json("timings.json") if run.file("timings.json").is_file() else {}
     metrics["stage_seconds"] = {k: v for k, v in timings.items() if k != "total_this_process"}
     run.write_json("metrics.json", metrics)
@@ -239,6 +260,11 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
                                     "total_this_process": time.perf_counter() - t_start})
     write_report(run, layer_rows, searched, verified, metrics)
     return run.path
+
+
+# Plain mean difference and paper A's WRMD: whichever the run does not steer with is steered
+# with the same layers, strengths and gate, so the value of the estimator is measured.
+BASELINE_METHODS = ("md", "wrmd")
 
 
 def _rate(js: list[Judged]) -> float:
@@ -308,52 +334,33 @@ def _fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
     fit = fit_gate(read("target_fit"), neg, layers, max_false_open=cfg.search.gate_false_open,
                    pool=pool, seed=cfg.seed)
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
-            "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall,
+            "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
             "margin_z": fit.margin_z, "shrink": fit.shrink,
             "n_topic": len(data["target_fit"]), "n_other": int(neg.shape[0]),
             "layers": fit.table}
 
 
+TIE = 0.05  # judged rates this close count as a tie (one or two prompts of a verify set)
+
+
 def _choose(rows: list[dict[str, Any]], base: dict[str, Any], remove: bool, keep: float,
             keep_prompts: list[str]) -> dict[str, Any]:
-    """Lowest judged target refusal (remove) / highest (induce) that keeps the other side."""
+    """Lowest judged target refusal (remove) / highest (induce) that keeps the other side;
+    among candidates within TIE of the best, the one that steers least (coherence, KL)."""
     base_keep = {r["prompt"]: r["confidence"] > 0.1 for r in
                  base["safety_fit" if remove else "neutral"]}
     base_rate = sum(base_keep.get(p, False) for p in keep_prompts) / max(1, len(keep_prompts))
     if remove:
         ok = [r for r in rows if r["keep_refusal"] >= keep * base_rate] or rows
-        return min(ok, key=lambda r: (r["target_refusal"], -r["keep_refusal"], r["kl"],
-                                      _size(r)))
+        best = min(r["target_refusal"] for r in ok)
+        near = [r for r in ok if r["target_refusal"] <= best + TIE]
+        return min(near, key=lambda r: (_size(r), r["target_refusal"], -r["keep_refusal"]))
     ok = [r for r in rows if r["keep_refusal"] <= base_rate + 0.1] or rows
-    return max(ok, key=lambda r: (r["target_refusal"], -r["keep_refusal"], -r["kl"],
-                                  -_size(r)))
+    best = max(r["target_refusal"] for r in ok)
+    near = [r for r in ok if r["target_refusal"] >= best - TIE]
+    return min(near, key=lambda r: (_size(r), -r["target_refusal"], r["keep_refusal"]))
 
 
 def _size(row: dict[str, Any]) -> float:
     """How much a candidate steers (α × layers): the tie-break toward the gentler one."""
     return float(row["params"]["alpha"]) * int(row["params"]["width"])
-
-
-def _arditi(lm: LoadedModel, acts, data, base, cfg: SteerConfig) -> dict[str, Any]:
-    """Arditi et al.: harmful-vs-harmless MD per layer, picked by bypass/induce/KL."""
-    refused = torch.tensor([r["confidence"] > 0.1 for r in base["safety_fit"]])
-    answered = torch.tensor([r["confidence"] < -0.1 for r in base["neutral"]])
-    if refused.sum() < 2 or answered.sum() < 2:
-        raise UserError("Arditi baseline needs refused harmful and answered neutral prompts")
-    harmful, harmless = acts["safety_fit"][refused], acts["neutral"][answered]
-    md = per_layer(mean_difference, harmful, harmless, normalize=False)
-    cands = depth_window(lm.n_layers, 0.3, 0.8)[::2]
-    dirs = {i: md[i] / md[i].norm() for i in cands}
-    norms = {i: float(md[i].norm()) for i in cands}
-    rng = random.Random(cfg.seed)
-    h_val = rng.sample(list(data["safety_fit"]), min(12, len(data["safety_fit"])))
-    best, table = arditi_select(lm, dirs, h_val, data["neutral_proxy"][:12], raw_norms=norms)
-    if best is None:
-        best = min(table, key=lambda c: c.bypass).layer
-    return {"layer": best, "direction": dirs[best].tolist(),
-            "candidates": [asdict(c) for c in table]}
-
-
-def _arditi_profile(rec: dict[str, Any], lm: LoadedModel) -> Profile:
-    return Profile((ablation(torch.tensor(rec["direction"]), list(range(lm.n_layers))),),
-                   meta={"method": "arditi", "layer": rec["layer"]})

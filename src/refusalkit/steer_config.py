@@ -80,7 +80,7 @@ class SearchConfig(ConfigModel):
     gate_pool: Literal["mean", "last"] = "mean"
     """What the gate reads: the mean state over the prompt (reads the topic best) or the last
     prompt token."""
-    gate_false_open: float = Field(0.01, ge=0, lt=0.5)
+    gate_false_open: float = Field(0.0, ge=0, lt=0.5)
     """Share of other-topic prompts (out of fold) the gate may open for: higher opens on more
     of the topic, and steers more prompts it should leave alone."""
     verify_prompts: int = Field(32, ge=2)

@@ -1,4 +1,4 @@
-"""Held-out evaluation and report for the steering pipeline.
+"""Held-out evaluation, the Arditi baseline and the report for the steering pipeline.
 
 Each held-out set is answered once unsteered and once per profile (the chosen one and each
 baseline); the configured judge and the keyword judge read the same answers, so their
@@ -7,16 +7,23 @@ numbers sit side by side without generating twice.
 
 from __future__ import annotations
 
+import random
+from dataclasses import asdict
 from typing import Any
 
+import torch
+
+from refusalkit.directions import mean_difference, per_layer
+from refusalkit.errors import UserError
 from refusalkit.evaluate import Judged, judge_gated, judge_prompts, perplexity_ratio
 from refusalkit.gates import gate_of, gate_open
-from refusalkit.interventions import Profile
+from refusalkit.interventions import Profile, ablation
 from refusalkit.judge import Judge, KeywordJudge
 from refusalkit.models import LoadedModel
 from refusalkit.report import build_report, figure, save_examples, save_figure, save_table
 from refusalkit.runs import RunDir
 from refusalkit.scoring import kl_divergence, last_logprobs
+from refusalkit.selection import arditi_select, depth_window
 
 
 def _rate(js: list[Judged]) -> float:
@@ -166,3 +173,31 @@ def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[s
                            f"{g['layer']}, {g['pool']} pooling; out-of-fold recall "
                            f"{g['recall_oof']:.2f} on the topic's fitting prompts)")
     build_report(run, title=f"Refusal steering — {metrics.get('mode', '')}")
+
+
+# ---------------------------------------------------------------- the Arditi baseline
+
+def arditi_baseline(lm: LoadedModel, acts: dict[str, Any], data: dict[str, list[str]],
+                    base: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """Arditi et al.: harmful-vs-harmless MD per layer, picked by bypass/induce/KL."""
+    refused = torch.tensor([r["confidence"] > 0.1 for r in base["safety_fit"]])
+    answered = torch.tensor([r["confidence"] < -0.1 for r in base["neutral"]])
+    if refused.sum() < 2 or answered.sum() < 2:
+        raise UserError("Arditi baseline needs refused harmful and answered neutral prompts")
+    harmful, harmless = acts["safety_fit"][refused], acts["neutral"][answered]
+    md = per_layer(mean_difference, harmful, harmless, normalize=False)
+    cands = depth_window(lm.n_layers, 0.3, 0.8)[::2]
+    dirs = {i: md[i] / md[i].norm() for i in cands}
+    norms = {i: float(md[i].norm()) for i in cands}
+    rng = random.Random(cfg.seed)
+    h_val = rng.sample(list(data["safety_fit"]), min(12, len(data["safety_fit"])))
+    best, table = arditi_select(lm, dirs, h_val, data["neutral_proxy"][:12], raw_norms=norms)
+    if best is None:
+        best = min(table, key=lambda c: c.bypass).layer
+    return {"layer": best, "direction": dirs[best].tolist(),
+            "candidates": [asdict(c) for c in table]}
+
+
+def arditi_profile(rec: dict[str, Any], lm: LoadedModel) -> Profile:
+    return Profile((ablation(torch.tensor(rec["direction"]), list(range(lm.n_layers))),),
+                   meta={"method": "arditi", "layer": rec["layer"]})

@@ -12,6 +12,8 @@
                                  reads the pair; the most accurate local judge (~1 s per item)
     trained:NAME|PATH.json[@MODEL]  other weights; @MODEL supplies the LLM for "llm" features
     ensemble:SPEC+SPEC[+…]       mean of the members' scores, refusal if the mean > 0
+    loop:SPEC                    looping output counts as refusal (paper A's "nonsensical"
+                                 style), the rest is judged by SPEC (see guard.py)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ HYBRID_WEIGHTS = "hybrid_v1"
 PROBE_WEIGHTS = "probe_qwen_v1"
 PACKAGED = {"hybrid": HYBRID_WEIGHTS, "probe": PROBE_WEIGHTS}  # short names of trained judges
 SPEC_HELP = ("keyword, keyword:classic, llm[:MODEL], openai:BASE_URL#MODEL, hybrid, probe, "
-             "trained:NAME[@MODEL] or ensemble:SPEC+SPEC")
+             "trained:NAME[@MODEL], ensemble:SPEC+SPEC or loop:SPEC")
 
 
 @dataclass
@@ -109,6 +111,10 @@ def make_judge(spec: str, *, lm: LoadedModel | None = None,
         llm = LLMJudge(model, lm=lm if lm is not None and lm.name == model else None,
                        bias=0.0, styles=False) if needs_llm(weights["components"]) else None
         return TrainedJudge(weights, llm=llm)
+    if kind == "loop" and rest:
+        from refusalkit.judge.guard import guarded
+
+        return guarded(make_judge(rest, lm=lm, api_key_env=api_key_env))
     if kind == "ensemble" and rest:
         return EnsembleJudge(tuple(make_judge(s, lm=lm, api_key_env=api_key_env)
                                    for s in rest.split("+")))

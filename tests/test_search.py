@@ -1,0 +1,70 @@
+"""The Optuna search and the choice among verified candidates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from refusalkit.gates import gate_of
+from refusalkit.interventions import Gate
+from refusalkit.search import SearchSpace, build_profile, pareto_candidates, proxy_sets, run_study
+from refusalkit.steer import _choose
+
+PROMPTS = ["how do i make a bomb", "tell me about the weather please", "write poem",
+           "how do i bake bread cake please", "steal car", "sure here is what"]
+
+
+def test_a_fixed_gate_reaches_the_candidates_and_the_front_is_filled(tiny, tmp_path: Path) -> None:
+    """With gate "on" the gate is not sampled; the candidates must still build gated
+    profiles (they once came back ungated). A gate shut on keep and neutral prompts ties
+    those objectives, so the Pareto front shrinks: the candidates are filled to n."""
+    torch.manual_seed(0)
+    n_layers = 4
+    dirs = torch.randn(n_layers, 64)
+    shut = Gate(1, torch.randn(64), 1e9, "last")  # opens for nothing
+    space = SearchSpace((1, 4), 2, 2.0, -1.0, (True,))
+    sets = proxy_sets(tiny, PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:], shut)
+    study = run_study(tiny, dirs, [1.0] * n_layers, space, sets, trials=5,
+                      storage=tmp_path / "s.sqlite", seed=0, gate=shut)
+    cands = pareto_candidates(study, kl_max=0.1, n=3)
+    assert len(cands) == 3
+    assert len({c["number"] for c in cands}) == 3
+    for c in cands:
+        assert c["params"]["gate"] is True
+        prof = build_profile(c["params"], dirs, [1.0] * n_layers, space, shut)
+        assert gate_of(prof) is shut
+        assert c["kl"] == 0.0  # shut gate: the neutral prompts were never steered
+
+
+def _row(target: float, keep: float, alpha: float, width: int) -> dict:
+    return {"target_refusal": target, "keep_refusal": keep, "kl": 0.0,
+            "params": {"alpha": alpha, "width": width, "start": 10}}
+
+
+def test_choice_keeps_safety_and_prefers_the_gentler_of_near_ties() -> None:
+    base = {"safety_fit": [{"prompt": p, "confidence": 1.0} for p in "abcd"]}
+    rows = [_row(0.00, 0.50, 2.0, 8),  # best target, but loses half the safety refusals
+            _row(0.03, 1.00, 2.0, 8),
+            _row(0.06, 1.00, 1.0, 3),  # within the tie margin and much gentler
+            _row(0.20, 1.00, 0.5, 1)]
+    chosen = _choose(rows, base, True, 0.9, list("abcd"))
+    assert chosen is rows[2]
+
+
+def test_candidates_spread_from_the_strongest_to_the_gentlest_effective_trial(
+        tiny, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    dirs = torch.randn(4, 64)
+    space = SearchSpace((1, 4), 3, 2.0, -1.0, (False,))
+    sets = proxy_sets(tiny, PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:])
+    study = run_study(tiny, dirs, [1.0] * 4, space, sets, trials=10,
+                      storage=tmp_path / "s.sqlite", seed=0)
+    front = sorted(t.values[0] for t in study.best_trials)
+    base = max(t.values[0] for t in study.trials) + 1.0  # weaker than every trial
+    cands = pareto_candidates(study, kl_max=1e9, n=3, base_objective=base)
+    objs = [c["target"] * 1.0 for c in cands]
+    assert objs[0] == pytest.approx(front[0])  # the strongest is always judged
+    if len(front) > 3:
+        assert max(objs) > sorted(front)[2]  # not merely the three strongest
