@@ -58,6 +58,8 @@ BENCHES: dict[str, Bench] = {
                    args=("--clients", "8", "--requests", "2"),
                    quick=("--clients", "4", "--requests", "2", "--repeats", "1"),
                    timeout_s=900),
+    "steer": Bench("bench_steer.py", "issue 4's acceptance run of configs/steer_qwen.toml "
+                   "(about 22 min)", default=False, quick=(), timeout_s=3000),
     "analyze": Bench("bench_analyze.py", "the full `analyze` run (about 45 min)", md=False,
                      default=False, quick=(), timeout_s=3600),
 }
@@ -70,6 +72,8 @@ def run_one(name: str, b: Bench, quick: bool, model: str | None, work: Path) -> 
         cmd += ["--model", model]
     if name == "analyze":
         cmd += ["--out", str(work / "analyze_run")]
+    if name == "steer":
+        cmd += ["--out", str(work / "steer_run")]
     md_file = work / f"{name}.md"
     if b.md:
         cmd += ["--md", str(md_file), "--json", str(work / f"{name}.json")]
