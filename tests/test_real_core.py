@@ -118,4 +118,8 @@ def test_smollm2_extraction_ablation_and_orthogonalisation(smol, fresh_smol) -> 
         orthogonalize(fresh_smol, r)
         folded = fresh_smol.model(**ids).logits
     assert (hooked - plain).abs().max() > 1e-3
-    assert (folded - hooked).abs().max() < 1e-4
+    # float32 sums over 30 layers: folded and hooked logits (~20 in size) were measured 1.0e-4
+    # apart on one run and under it on others; the fold must agree far better than ablation
+    # changes anything.
+    err = (folded - hooked).abs().max()
+    assert err < 2e-4 and err < 0.01 * (hooked - plain).abs().max()
