@@ -52,6 +52,7 @@ class ProxySets:
     keep_base: torch.Tensor | None = None
     open: Mapping[str, torch.Tensor] | None = None  # "target" / "keep" / "neutral" -> bool [n]
     leak: float = 0.0  # the gate's estimated false-open rate on ordinary prompts
+    gate: Gate | None = None  # the gate `open` was decided by (other gates run in full)
 
 
 class Proxies(NamedTuple):
@@ -73,14 +74,15 @@ def proxy_sets(lm: LoadedModel, target: Sequence[str], keep: Sequence[str],
         opened = {name: gate_open(lm, gate, ps, batch_size=batch_size)
                   for name, ps in (("target", target), ("keep", keep), ("neutral", neutral))}
     return ProxySets(target, keep, neutral, base(neutral), base(target), base(keep), opened,
-                     leak)
+                     leak, gate)
 
 
 def _steered(lm: LoadedModel, prompts: Sequence[str], profile: Profile,
-             base: torch.Tensor | None, opened: torch.Tensor | None,
+             base: torch.Tensor | None, opened: torch.Tensor | None, gate: Gate | None,
              batch_size: int) -> torch.Tensor:
-    """Steered last-position log-probs, running only the rows a gated profile changes."""
-    if base is None or opened is None or gate_of(profile) is None:
+    """Steered last-position log-probs, running only the rows a gated profile changes (when
+    its gate is the one the decisions came from)."""
+    if base is None or opened is None or gate is None or gate_of(profile) is not gate:
         return last_logprobs(lm, prompts, profile=profile, batch_size=batch_size)
     out = base.clone()
     rows = opened.nonzero()[:, 0].tolist()
@@ -117,7 +119,7 @@ def proxy_objectives(lm: LoadedModel, profile: Profile, sets: ProxySets,
     opened = sets.open or {}
 
     def run(name: str, prompts: Sequence[str], base: torch.Tensor | None) -> torch.Tensor:
-        return _steered(lm, prompts, profile, base, opened.get(name), batch_size)
+        return _steered(lm, prompts, profile, base, opened.get(name), sets.gate, batch_size)
 
     target = refusal_log_odds(run("target", sets.target, sets.target_base), ids).mean()
     keep = refusal_log_odds(run("keep", sets.keep, sets.keep_base), ids).mean()
@@ -129,7 +131,8 @@ def proxy_objectives(lm: LoadedModel, profile: Profile, sets: ProxySets,
     lift_rows = kl_divergence(sets.neutral_base, last_logprobs(lm, sets.neutral, profile=lifted,
                                                                batch_size=batch_size))
     # rows the gate shuts (unknown without decisions: then every row ran steered, in full)
-    shut = (~opened["neutral"]).to(kl_rows.dtype) if "neutral" in opened else 0.0
+    known = "neutral" in opened and gate_of(profile) is sets.gate
+    shut = (~opened["neutral"]).to(kl_rows.dtype) if known else 0.0
     expected = kl_rows + shut * sets.leak * lift_rows
     return Proxies(float(target), float(keep), float(expected.mean()), float(lift_rows.mean()))
 
