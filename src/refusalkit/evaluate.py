@@ -71,6 +71,7 @@ def judge_gated(
     judge: Judge,
     profile: Profile,
     unsteered: Sequence[Judged],
+    opened: torch.Tensor | None = None,
     **kwargs: object,
 ) -> tuple[list[Judged], torch.Tensor]:
     """`judge_prompts` under a profile whose operators share one gate, generating only where
@@ -78,7 +79,8 @@ def judge_gated(
 
     A closed gate adds nothing, so a closed prompt's answer *is* its unsteered answer:
     `unsteered` (the same prompts judged without the profile, same decoding) is reused for
-    those. Profiles without a shared gate are judged on every prompt.
+    those. Profiles without a shared gate are judged on every prompt. Pass `opened` (the
+    gate's decisions on these prompts) when several profiles share one gate.
     """
     if len(unsteered) != len(prompts) or any(
             u.prompt != p for u, p in zip(unsteered, prompts, strict=True)):
@@ -87,7 +89,8 @@ def judge_gated(
     if gate is None:
         return (judge_prompts(lm, prompts, judge, profile=profile, **kwargs),  # type: ignore[arg-type]
                 torch.ones(len(prompts), dtype=torch.bool))
-    opened = gate_open(lm, gate, prompts)
+    if opened is None:
+        opened = gate_open(lm, gate, prompts)
     rows = opened.nonzero()[:, 0].tolist()
     out = list(unsteered)
     steered = judge_prompts(lm, [prompts[i] for i in rows], judge, profile=profile,

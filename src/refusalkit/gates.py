@@ -1,12 +1,13 @@
 """Topic gates for conditional steering: fit a linear topic detector and calibrate it.
 
 A gate (IBM CAST-style, see `interventions.Gate`) switches a steering operator on only for
-prompts whose last-token projection at one early layer passes a threshold. Its errors cost
+prompts whose projection (last prompt token, or the mean over the prompt) at one early layer
+passes a threshold. Its errors cost
 different things: a gate that opens on an ordinary prompt steers it (KL on harmless prompts),
 one that opens on a harmful prompt removes a safety refusal, one that stays shut on the topic
 leaves its refusal in place. So the detector is fitted against *many and varied* negatives
 (ordinary, harmful and look-alike prompts), and its threshold is set on scores the direction
-was not fitted on (k-fold, out of fold), to open on no negative at all.
+was not fitted on (k-fold, out of fold), to open on at most a chosen share of them.
 
 Choices, written down:
 - Direction per candidate layer: ridge-regularised LDA (RMD) topic-vs-others, with the ridge
@@ -15,8 +16,9 @@ Choices, written down:
 - Threshold: out-of-fold scores are standardised by each fold's *training* negatives'
   projection mean and spread (the final, all-data fit is standardised the same way, so the
   fold and final scales match). The threshold sits halfway between the highest out-of-fold
-  negative and the lowest out-of-fold topic score above it (zero false positives on held-out
-  negatives, widest margin), then is mapped back through the all-data fit's statistics.
+  negative allowed to stay below it (`max_false_open`; 0 = all of them) and the lowest
+  out-of-fold topic score above that one (widest margin), then is mapped back through the
+  all-data fit's statistics.
 - Layer: the highest out-of-fold recall at that threshold; ties go to the larger margin.
 """
 

@@ -20,7 +20,7 @@ from refusalkit.artifacts import dataset_record, model_record
 from refusalkit.directions import get_method, per_layer
 from refusalkit.errors import UserError
 from refusalkit.evaluate import Judged, judge_gated, judge_prompts
-from refusalkit.gates import fit_gate, pool_position
+from refusalkit.gates import fit_gate, gate_of, gate_open, pool_position
 from refusalkit.interventions import Gate, Profile, save_profile
 from refusalkit.judge import JudgementCache, make_judge
 from refusalkit.judge.guard import guarded
@@ -205,12 +205,17 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
         t_base = [Judged(**base["target_fit"][i]) for i in t_idx]
         k_rows = {r["prompt"]: r for r in base["safety_fit" if remove else "neutral"]}
         k_base = [Judged(**k_rows[p]) if p in k_rows else None for p in keep_proxy]
+        # every candidate shares the one gate: decide once per set
+        t_open = gate_open(lm, gate, t_set) if gate is not None else None
+        k_open = gate_open(lm, gate, keep_proxy) if gate is not None else None
         for cand in searched["candidates"]:
             prof = build_profile(cand["params"], dirs["directions"], dirs["gaps"].tolist(),
                                  space, gate)
-            jt, ot = judge_gated(lm, t_set, judge, prof, t_base, **jk)
+            gated = gate_of(prof) is not None
+            jt, ot = judge_gated(lm, t_set, judge, prof, t_base, t_open if gated else None, **jk)
             if all(k_base):
-                jkp, ok = judge_gated(lm, keep_proxy, judge, prof, k_base, **jk)
+                jkp, ok = judge_gated(lm, keep_proxy, judge, prof, k_base,
+                                      k_open if gated else None, **jk)
             else:  # keep prompts without a baseline judgement: judge them all
                 jkp = judge_prompts(lm, keep_proxy, judge, profile=prof, **jk)
                 ok = torch.ones(len(jkp), dtype=torch.bool)

@@ -49,12 +49,21 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
     # Unsteered answers first: a gated profile reuses them wherever its gate stays shut.
     judged = {"before": {s: judge_prompts(lm, data[s], judge, **jk) for s in sets}}
     open_share: dict[str, dict[str, float]] = {}
+    decided: dict[tuple[int, str], torch.Tensor] = {}  # (id of gate, set): its decisions
+
+    def decisions(g: Any, s: str) -> torch.Tensor:
+        if (id(g), s) not in decided:  # the chosen profile and its baselines share a gate
+            decided[id(g), s] = gate_open(lm, g, data[s])
+        return decided[id(g), s]
+
     for name, p in {"after": profile, **baselines}.items():
         judged[name] = {}
+        g = gate_of(p)
         for s in sets:
-            judged[name][s], opened = judge_gated(lm, data[s], judge, p, judged["before"][s],
-                                                  **jk)
-            if gate_of(p) is not None:
+            judged[name][s], opened = judge_gated(
+                lm, data[s], judge, p, judged["before"][s],
+                decisions(g, s) if g is not None else None, **jk)
+            if g is not None:
                 open_share.setdefault(name, {})[s] = float(opened.double().mean())
     rates = {name: {s: _rate(js) for s, js in by_set.items()} for name, by_set in judged.items()}
     kw = {name: {s: _keyword_rate(js) for s, js in by_set.items()}
@@ -68,7 +77,7 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
     for name, p in {"after": profile, **baselines}.items():
         g = gate_of(p)
         if g is not None:
-            open_share[name]["harmless_eval"] = float(gate_open(lm, g, harmless).double()
+            open_share[name]["harmless_eval"] = float(decisions(g, "harmless_eval").double()
                                                       .mean())
 
     def cost(p: Profile) -> dict[str, float]:
