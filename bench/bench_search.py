@@ -36,9 +36,10 @@ from safetensors.torch import load_file
 
 import refusalkit.steer as steer_mod
 from refusalkit.config import load_config, read_toml
-from refusalkit.evaluate import judge_prompts
+from refusalkit.evaluate import judge_prompts, refusal_rate
 from refusalkit.interventions import Gate
 from refusalkit.judge import make_judge
+from refusalkit.judge.guard import guarded
 from refusalkit.models import load_model
 from refusalkit.runs import atomic_write_json
 from refusalkit.search import build_profile, within_kl_budget
@@ -88,19 +89,24 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
             else list(data["neutral"]))
     keep = keep[: cfg.data.n_proxy] or data["safety_fit"][: cfg.data.n_proxy]
     t_set = [data["target_fit"][i] for i in pick[: cfg.search.verify_prompts]]
-    judge = make_judge(cfg.judge.spec)
+    judge = guarded(make_judge(cfg.judge.spec))  # as the pipeline judges (loops = refusal)
     jk = {"mode": cfg.judge.mode, "k": cfg.judge.k, "max_new_tokens": cfg.judge.max_new_tokens,
           "seed": cfg.seed, "batch_size": cfg.batch_size, "show_progress": False}
     gaps = dirs["gaps"].tolist()
+    acts = load_file(str(st / "activations.safetensors"))
+    conf = {k: torch.tensor([r["confidence"] for r in base[k]]) for k in ("target_fit",
+                                                                        "safety_fit")}
+    levels = steer_mod._gaps_levels(acts, dirs["directions"], conf["target_fit"], remove,
+                                    conf["safety_fit"])[1]
     rows, tokens = [], 0
     t0 = time.perf_counter()
     for trial in searched["trials"]:
-        prof = build_profile(trial["params"], dirs["directions"], gaps, space, gate)
+        prof = build_profile(trial["params"], dirs["directions"], gaps, space, gate, levels)
         jt = judge_prompts(lm, t_set, judge, profile=prof, **jk)
         jkp = judge_prompts(lm, keep, judge, profile=prof, **jk)
         tokens += sum(j.tokens for j in jt + jkp)
-        rows.append({**trial, "target_refusal": steer_mod._rate(jt),
-                     "keep_refusal": steer_mod._rate(jkp)})
+        rows.append({**trial, "target_refusal": refusal_rate(jt),
+                     "keep_refusal": refusal_rate(jkp)})
         say(f"  trial {trial['number']}: target {rows[-1]['target_refusal']:.2f} keep "
             f"{rows[-1]['keep_refusal']:.2f} kl {trial['kl']:.3f}")
     seconds = time.perf_counter() - t0

@@ -23,7 +23,15 @@ from refusalkit.export import (
     import_control_vector,
     read_control_vector,
 )
-from refusalkit.interventions import Op, Profile, ablation, addition, load_profile, save_profile
+from refusalkit.interventions import (
+    Op,
+    Profile,
+    ablation,
+    addition,
+    clamping,
+    load_profile,
+    save_profile,
+)
 from refusalkit.interventions import steer as steer_hooks
 from refusalkit.models import load_model
 from refusalkit.scoring import last_logprobs
@@ -165,6 +173,8 @@ def test_control_vector_refusals(tiny, tmp_path):
     r = _unit(d, 0)
     with pytest.raises(UserError, match="ablates a direction"):
         control_vectors(Profile((ablation(r, [2]),)))
+    with pytest.raises(UserError, match="clamps a projection"):
+        control_vectors(Profile((clamping({2: r}, {2: -1.0}, {2: 0.5}),)))
     with pytest.raises(UserError, match="profile layer 1 cannot be expressed"):
         control_vectors(Profile((addition({1: r, 2: r}, 1.0),)))
     with pytest.raises(UserError, match="generation phase"):

@@ -14,6 +14,7 @@ from refusalkit.interventions import (
     Profile,
     ablation,
     addition,
+    clamping,
     load_profile,
     save_profile,
     steer,
@@ -24,6 +25,11 @@ def logits(lm, text: str = "how do i make a bomb") -> torch.Tensor:
     ids = lm.tokenizer(lm.format(text), return_tensors="pt")
     with torch.no_grad():
         return lm.model(**ids).logits
+
+
+def logits_with(lm, profile: Profile) -> torch.Tensor:
+    with steer(lm, profile):
+        return logits(lm)
 
 
 def n_hooks(lm) -> int:
@@ -65,6 +71,45 @@ def test_addition_is_exactly_h_plus_sv_at_layer_input(tiny) -> None:
     assert torch.allclose(seen[1] - seen[0], (3.0 * v).expand_as(seen[0]), atol=1e-5)
 
 
+def _layer_input(lm, layer: int, profile: Profile | None) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+
+    def record(_m, a, k):
+        seen.append((a[0] if a else k["hidden_states"]).clone())
+
+    with steer(lm, profile):
+        h = lm.arch.layers[layer].register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            logits(lm)
+        finally:
+            h.remove()
+    return seen[0]
+
+
+def test_clamp_caps_the_projection_where_addition_would_take_the_level(tiny) -> None:
+    """s < 0: p -> min(p, level + s*|v|); states already below are untouched, and the
+    orthogonal part never changes. s > 0 mirrors it (a floor)."""
+    v = torch.randn(64)
+    u = v / v.norm()
+    base = _layer_input(tiny, 2, None)
+    p = base @ u
+    level = float(p.median())  # some states above, some below the target
+    step = 0.25 * float(p.std()) / float(v.norm())
+    for s in (-step, step):
+        target = level + s * float(v.norm())
+        out = _layer_input(tiny, 2, Profile((clamping({2: v}, {2: s}, {2: level}),)))
+        q = out @ u
+        want = p.clamp(max=target) if s < 0 else p.clamp(min=target)
+        assert torch.allclose(q, want, atol=1e-4)
+        moved = (want - p).abs() > 1e-6
+        assert moved.any() and (~moved).any()  # only the states on the wrong side moved
+        assert torch.allclose(out - q[..., None] * u, base - p[..., None] * u, atol=1e-4)
+    off = _layer_input(tiny, 2, Profile((clamping({2: v}, {2: -0.5}, {2: level}),), 0.0))
+    assert torch.equal(off, base)
+    with pytest.raises(UserError, match="level"):
+        clamping({2: v, 3: v}, -1.0, {2: level})
+
+
 def test_hooks_are_removed_on_exit_and_on_exception(tiny) -> None:
     before = n_hooks(tiny)
     prof = Profile((addition({0: torch.randn(64)}, 1.0), ablation(torch.randn(64), [0, 1, 2, 3])))
@@ -104,10 +149,14 @@ def test_phase_prompt_only_leaves_generation_steps_alone(tiny) -> None:
 
 def test_profile_round_trip_and_model_check(tiny, tmp_path: Path) -> None:
     prof = Profile((addition({1: torch.randn(64)}, {1: -2.5}),
-                    ablation(torch.randn(64), [0, 3])), meta={"method": "md"})
+                    ablation(torch.randn(64), [0, 3]),
+                    clamping({2: torch.randn(64)}, {2: -1.5}, {2: 0.75})),
+                   meta={"method": "md"})
     save_profile(prof, tmp_path / "p", tiny)
     back = load_profile(tmp_path / "p", tiny)
     assert back.ops[0].strengths == {1: -2.5} and back.meta["method"] == "md"
+    assert back.ops[2].kind == "clamp" and back.ops[2].levels == {2: 0.75}
+    assert torch.equal(logits_with(tiny, prof), logits_with(tiny, back))
     for a, b in zip(prof.ops, back.ops, strict=True):
         assert a.kind == b.kind and all(torch.equal(a.vectors[k], b.vectors[k]) for k in a.vectors)
     other = build_tiny("qwen2", seed=1)

@@ -9,10 +9,17 @@ import torch
 from refusalkit.activations import capture
 from refusalkit.directions import mean_difference, per_layer
 from refusalkit.generation import generate_text
-from refusalkit.interventions import Profile, ablation, addition, orthogonalize, steer
+from refusalkit.interventions import (
+    Profile,
+    ablation,
+    addition,
+    clamping,
+    orthogonalize,
+    steer,
+)
 from refusalkit.judge import KeywordJudge
 from refusalkit.prompts import load_prompts
-from refusalkit.scoring import refusal_score
+from refusalkit.scoring import kl_divergence, last_logprobs, refusal_score
 from refusalkit.selection import auc, depth_window, layer_auc, select_by_auc
 
 pytestmark = pytest.mark.real
@@ -87,6 +94,32 @@ def test_ablation_bypasses_and_addition_induces_refusal(qwen, qwen_direction) ->
     induced = generate_text(qwen, answered, max_new_tokens=24, profile=added,
                             show_progress=False)
     assert sum(map(kw.is_refusal, induced)) >= len(answered) / 2
+
+
+def test_clamp_removes_refusal_and_changes_answered_prompts_less(qwen, qwen_direction) -> None:
+    """A clamp with addition's strength moves states only as far as addition moves the
+    refusing mean, so it lowers the first-token refusal of refused harmful prompts like
+    addition does, while harmless prompts' next-token distribution changes less."""
+    layer, pos, r, gap, _, _ = qwen_direction
+    u = r / r.norm()
+    harm = load_prompts("harmful_test").take(120, seed=2).prompts  # ~1 in 4 refused
+    harm = [p for p, s in zip(harm, refusal_score(qwen, harm), strict=True) if s > 0][:24]
+    safe = load_prompts("harmless_test").take(30, seed=3).prompts
+    assert len(harm) >= 6
+    level = float((capture(qwen, harm, [layer], [pos], show_progress=False)[:, 0, 0] @ u).mean())
+    add = Profile((addition({layer: u}, -2.0 * gap),))
+    clamp = Profile((clamping({layer: u}, {layer: -2.0 * gap}, {layer: level}),))
+    before = refusal_score(qwen, harm).mean()
+    drop_add = before - refusal_score(qwen, harm, profile=add).mean()
+    drop_clamp = before - refusal_score(qwen, harm, profile=clamp).mean()
+    base = last_logprobs(qwen, safe)
+    kl_add = kl_divergence(base, last_logprobs(qwen, safe, profile=add)).mean()
+    kl_clamp = kl_divergence(base, last_logprobs(qwen, safe, profile=clamp)).mean()
+    assert drop_add > 2.0, drop_add
+    assert drop_clamp >= 0.5 * drop_add, (drop_clamp, drop_add)
+    # harmless states sit about one gap below the refusing level, so a clamp two gaps down
+    # moves them about half as far as addition does (measured KL 1.14 vs 2.22)
+    assert kl_clamp <= 0.75 * kl_add, (kl_clamp, kl_add)
 
 
 def test_orthogonalised_qwen_matches_hook_ablation(qwen, qwen_direction) -> None:

@@ -12,7 +12,7 @@ from refusalkit.errors import UserError
 from refusalkit.interventions import load_profile
 from refusalkit.judge import Judgement
 from refusalkit.prompts import load_prompts
-from refusalkit.steer import run_steer
+from refusalkit.steer import run_steer, split_data
 from refusalkit.steer_config import SteerConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,8 @@ def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) ->
                 "chosen_strengths", "search_generated_tokens"):
         assert key in metrics, key
     assert "md_steering" in metrics["baselines"]
+    # KL is measured on harmless_eval plus n_kl more held-out ordinary prompts
+    assert metrics["kl_harmless_prompts"] == cfg.data.n_eval + cfg.data.n_kl
     stages = {p.stem for p in (out / "stages").iterdir()}
     assert {"baseline", "activations", "directions", "layers", "search", "verify",
             "evaluate"} <= stages
@@ -76,6 +78,43 @@ def test_the_other_estimator_is_the_baseline(tmp_path: Path, monkeypatch) -> Non
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["baselines"]) == {"wrmd_steering"}  # induce mode: no Arditi ablation
     assert metrics["method"] == "md"
+
+
+def test_clamp_operator_runs_through_the_pipeline(tmp_path: Path, monkeypatch) -> None:
+    """search.operator = clamp: every trial, the chosen profile and the estimator baseline
+    clamp, from the moved class's level (here answering prompts: tiny_steer induces)."""
+    lm = build_tiny("llama")
+    cfg = tiny_cfg(**{"search.operator": "clamp", "search.alpha_max": 8.0,
+                      "eval.examples": 0, "data.n_kl": 8})
+    judge = SafetyRefuser(load_prompts(cfg.data.safety_fit).prompts)
+    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: judge)
+    out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
+    metrics = json.loads((out / "metrics.json").read_text())
+    prof = load_profile(out / "profile", lm)
+    assert metrics["operator"] == "clamp"
+    assert [op.kind for op in prof.ops] == ["clamp"]
+    assert set(prof.ops[0].levels) == set(prof.layers)
+    assert all(s > 0 for s in prof.ops[0].strengths.values())  # induce: raise toward refusal
+    assert metrics["kl_harmless"] >= 0.0
+
+
+def test_gate_negatives_come_from_the_named_sources_and_overlap_nothing() -> None:
+    """Roles are read past the rows they use, other specs skip every prompt a role uses."""
+    base = {"data.n_gate": 400, "data.overrefusal": ["xstest?label=safe"]}
+    default = split_data(tiny_cfg(**base))
+    chosen = split_data(tiny_cfg(**base, **{"data.gate_sources": ["neutral", "safety_fit",
+                                                                   "harmful_val"]}))
+    xstest = set(load_prompts("xstest?label=safe").prompts)
+    harmful_val = set(load_prompts("harmful_val").prompts)
+    assert xstest & set(default["gate_negatives"])  # the default includes the look-alikes
+    neg = chosen["gate_negatives"]
+    assert not xstest & set(neg)
+    used = {p for role, ps in chosen.items() if role != "gate_negatives" for p in ps}
+    assert not used & set(neg)
+    assert harmful_val & set(neg) and harmful_val - used <= set(neg)
+    assert len(neg) == len(set(neg))
+    with pytest.raises(UserError):
+        split_data(tiny_cfg(**{"data.gate_sources": ["no_such_dataset"]}))
 
 
 def test_remove_mode_without_refusals_is_a_clear_error(tmp_path: Path) -> None:
@@ -114,7 +153,7 @@ def test_remove_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
     so JailbreakBench refusals stay and harmless prompts are left alone."""
     cfg = SteerConfig.load(REPO / "configs" / "steer_qwen.toml", {
         "data.max_target": 30, "data.n_fit": 12, "data.n_proxy": 8, "data.n_eval": 10,
-        "data.n_gate": 24, "judge.max_new_tokens": 32, "search.trials": 12,
+        "data.n_kl": 40, "judge.max_new_tokens": 32, "search.trials": 12,
         "search.verify": 3, "search.verify_prompts": 12, "eval.baselines": False,
         "eval.examples": 2})
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=qwen)

@@ -16,6 +16,7 @@ from refusalkit.activations import length_sorted_batches
 from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import Profile, lift_gate, steer
 from refusalkit.judge import Judge, JudgementCache, score_prompts
+from refusalkit.judge.protocol import classify
 from refusalkit.models import LoadedModel
 
 
@@ -27,11 +28,6 @@ class Judged:
     confidence: float  # c(x) in [-1, 1]; > 0.1 refusal, < -0.1 compliance
     style: str | None
     tokens: int  # generated tokens judged for this prompt (search cost accounting)
-
-
-def classify(c: float) -> str:
-    """Paper A's three-way decision on a confidence score."""
-    return "refusal" if c > 0.1 else "compliance" if c < -0.1 else "neutral"
 
 
 def judge_prompts(

@@ -135,6 +135,11 @@ def control_vectors(profile: Profile) -> dict[int, torch.Tensor]:
     """llama.cpp direction index -> vector, strengths and scale folded in (float32)."""
     acc: dict[int, torch.Tensor] = {}
     for op in profile.ops:
+        if op.kind == "clamp":
+            raise UserError(
+                "the profile clamps a projection; a llama.cpp control vector can only add a "
+                "fixed vector, and a clamp depends on the activations — serve the profile "
+                "with 'refusalkit serve' instead")
         if op.kind != "add":
             raise UserError(
                 "the profile ablates a direction; a llama.cpp control vector can only add a "

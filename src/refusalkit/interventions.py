@@ -4,7 +4,10 @@ A `Profile` is a list of operators, each a strategy over per-layer vectors:
 - `add`: h ← h + s_l · v_l at the input of layer l (s < 0 with a refusal direction removes
   refusal, s > 0 induces it);
 - `ablate`: h ← h − (h·r̂_l) r̂_l at the input of layer l *and* on every residual write inside
-  it. Over all layers this is exactly what weight orthogonalisation bakes into the weights.
+  it. Over all layers this is exactly what weight orthogonalisation bakes into the weights;
+- `clamp`: addition that stops where it has done its job — along v̂_l a state's projection
+  moves toward where addition would take a state starting at `level_l`, never past it, and
+  states already beyond it are left alone.
 Each operator runs in the prompt phase (a forward over more than one new token), the
 generation phase (one new token with a KV cache) or both. `steer()` attaches a profile and
 always removes its hooks, on exit and on exception.
@@ -25,7 +28,7 @@ from refusalkit.artifacts import model_record, read_artifact, write_artifact
 from refusalkit.errors import UserError
 from refusalkit.models import LoadedModel
 
-Kind = Literal["add", "ablate"]
+Kind = Literal["add", "ablate", "clamp"]
 Phase = Literal["prompt", "generation", "both"]
 PROFILE_FORMAT = "refusalkit.profile/v1"
 
@@ -58,6 +61,7 @@ class Op:
     strengths: Mapping[int, float] = field(default_factory=dict)
     phase: Phase = "both"
     gate: Gate | None = None
+    levels: Mapping[int, float] = field(default_factory=dict)  # clamp: reference projection
 
     def strength(self, layer: int) -> float:
         return float(self.strengths.get(layer, 1.0))
@@ -88,6 +92,26 @@ def addition(vectors: Mapping[int, torch.Tensor], strengths: Mapping[int, float]
         raise UserError(f"gate layer {gate.layer} must not come after the first steered layer "
                         f"{min(vectors)}: the gate decides before steering starts")
     return Op("add", dict(vectors), dict(strengths), phase, gate)
+
+
+def clamping(vectors: Mapping[int, torch.Tensor], strengths: Mapping[int, float],
+             levels: Mapping[int, float], phase: Phase = "both",
+             gate: Gate | None = None) -> Op:
+    """Addition capped per state: with target t_l = level_l + s_l·‖v_l‖ (where addition moves
+    a state whose projection on v̂_l is level_l, e.g. the refusing class mean), a projection p
+    becomes min(p, t_l) for s < 0 and max(p, t_l) for s > 0.
+
+    Why: addition shifts every state by the same amount, including ordinary prompts and
+    answers that already comply; the clamp moves a state only as far as it must to reach the
+    target, so states already near or past it change less (on qwen2.5-coder-0.5b, at the
+    strengths addition needed on the China topic: next-token KL on harmless prompts with the
+    gate lifted 0.39 instead of 1.63).
+    """
+    missing = sorted(set(vectors) - set(levels))
+    if missing:
+        raise UserError(f"a clamp needs a level for every layer it steers (missing {missing})")
+    op = addition(vectors, strengths, phase, gate)
+    return replace(op, kind="clamp", levels={k: float(levels[k]) for k in vectors})
 
 
 def lift_gate(profile: Profile) -> Profile:
@@ -161,8 +185,8 @@ def _attach_gate(lm: LoadedModel, op: Op, handles: list[Any]) -> dict[str, torch
     """Register the gate's decision hook; returns the shared state holding the row mask."""
     if op.gate is None:
         return None
-    if op.kind != "add":
-        raise UserError("gates apply to addition operators only")
+    if op.kind not in ("add", "clamp"):
+        raise UserError("gates apply to addition and clamp operators only")
     gate = op.gate
     lm.arch.check_layers([gate.layer])
     v = gate.vector.to(lm.device).double()
@@ -208,6 +232,27 @@ def _attach(lm: LoadedModel, op: Op, layer: int, vec: torch.Tensor, scale: float
 
         return [block.register_forward_pre_hook(
             lambda _m, a, k: _rewrite_input(a, k, add_fn), with_kwargs=True)]
+    if op.kind == "clamp":
+        coef = op.strength(layer) * scale
+        if coef == 0.0:
+            return []
+        norm = vec.double().norm().clamp_min(1e-12)
+        unit = (vec.double() / norm).float()
+        target = float(op.levels[layer] + coef * norm)
+
+        def clamp_fn(h: torch.Tensor) -> torch.Tensor:
+            if not _in_phase(op.phase, h):
+                return h
+            u = unit.to(h.dtype)
+            p = h @ u
+            move = -torch.relu(p - target) if coef < 0 else torch.relu(target - p)
+            delta = move[..., None] * u
+            if gate_state is not None:
+                delta = gate_state["mask"] * delta
+            return h + delta
+
+        return [block.register_forward_pre_hook(
+            lambda _m, a, k: _rewrite_input(a, k, clamp_fn), with_kwargs=True)]
     if op.kind == "ablate":
         # The phase is decided on the layer input ([batch, seq, d]); writers inside the layer
         # (MoE experts may see flattened [tokens, d]) follow that decision.
@@ -226,7 +271,7 @@ def _attach(lm: LoadedModel, op: Op, layer: int, vec: torch.Tensor, scale: float
             handles.append(module.register_forward_hook(
                 lambda _m, _a, out: _rewrite_output(out, ablate_out)))
         return handles
-    raise UserError(f"unknown operator kind '{op.kind}'; use add or ablate")
+    raise UserError(f"unknown operator kind '{op.kind}'; use add, clamp or ablate")
 
 
 # ---------------------------------------------------------------- weight orthogonalisation
@@ -274,6 +319,8 @@ def save_profile(profile: Profile, path: str | Path, lm: LoadedModel) -> Path:
         meta: dict[str, Any] = {
             "kind": op.kind, "phase": op.phase, "layers": sorted(op.vectors),
             "strengths": {str(k): v for k, v in sorted(op.strengths.items())}}
+        if op.levels:
+            meta["levels"] = {str(k): v for k, v in sorted(op.levels.items())}
         if op.gate is not None:
             tensors[f"op{i}.gate"] = op.gate.vector
             meta["gate"] = {"layer": op.gate.layer, "threshold": op.gate.threshold,
@@ -295,7 +342,12 @@ def load_profile(path: str | Path, lm: LoadedModel | None = None,
         if "gate" in meta:
             gate = Gate(int(meta["gate"]["layer"]), art.tensors[f"op{i}.gate"],
                         float(meta["gate"]["threshold"]), meta["gate"].get("pool", "last"))
-        ops.append(Op(meta["kind"], vectors, strengths, meta.get("phase", "both"), gate))
+        levels = {int(k): float(v) for k, v in meta.get("levels", {}).items()}
+        if meta["kind"] == "clamp" and set(levels) != set(vectors):
+            raise UserError(f"profile {path}: a clamp operator lacks levels for some layers; "
+                            "the artifact is damaged — re-run the command that wrote it")
+        ops.append(Op(meta["kind"], vectors, strengths, meta.get("phase", "both"), gate,
+                      levels))
     extra = {k: v for k, v in art.manifest.items()
              if k not in ("ops", "scale", "format", "tensors_sha256")}
     return Profile(tuple(ops), float(art.manifest.get("scale", 1.0)), extra)

@@ -19,7 +19,7 @@ import optuna
 import torch
 
 from refusalkit.gates import gate_of, gate_open
-from refusalkit.interventions import Gate, Profile, addition, lift_gate
+from refusalkit.interventions import Gate, Profile, addition, clamping, lift_gate
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import kl_divergence, last_logprobs, refusal_log_odds, refusal_token_ids
 
@@ -33,6 +33,7 @@ class SearchSpace:
     alpha_max: float
     sign: float  # -1 removes refusal, +1 induces it
     gate_choices: tuple[bool, ...] = (False,)
+    operator: str = "add"  # "add", or "clamp" (addition capped per state, see clamping)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def proxy_sets(lm: LoadedModel, target: Sequence[str], keep: Sequence[str],
                      leak, gate)
 
 
-def _steered(lm: LoadedModel, prompts: Sequence[str], profile: Profile,
+def steered_logprobs(lm: LoadedModel, prompts: Sequence[str], profile: Profile,
              base: torch.Tensor | None, opened: torch.Tensor | None, gate: Gate | None,
              batch_size: int) -> torch.Tensor:
     """Steered last-position log-probs, running only the rows a gated profile changes (when
@@ -93,8 +94,10 @@ def _steered(lm: LoadedModel, prompts: Sequence[str], profile: Profile,
 
 
 def build_profile(params: dict[str, Any], directions: torch.Tensor, gaps: Sequence[float],
-                  space: SearchSpace, gate: Gate | None) -> Profile:
-    """The profile a trial's parameters describe."""
+                  space: SearchSpace, gate: Gate | None,
+                  levels: Sequence[float] | None = None) -> Profile:
+    """The profile a trial's parameters describe (`levels`: for a clamp, the projection of
+    the class being moved — refusing prompts when removing — per layer)."""
     use_gate = gate if params.get("gate", False) else None
     # A gate decides before steering starts: a gated block begins at the gate's layer at the
     # earliest (shifted, keeping its width).
@@ -102,8 +105,14 @@ def build_profile(params: dict[str, Any], directions: torch.Tensor, gaps: Sequen
     layers = range(start, min(start + params["width"], space.window[1]))
     vectors = {layer: directions[layer] for layer in layers}
     strengths = {layer: space.sign * params["alpha"] * abs(gaps[layer]) for layer in layers}
-    return Profile((addition(vectors, strengths, gate=use_gate),),
-                   meta={"search_params": dict(params)})
+    if space.operator == "clamp":
+        if levels is None:
+            raise ValueError("a clamp search needs the moved class's projection per layer")
+        op = clamping(vectors, strengths, {layer: levels[layer] for layer in layers},
+                      gate=use_gate)
+    else:
+        op = addition(vectors, strengths, gate=use_gate)
+    return Profile((op,), meta={"search_params": dict(params)})
 
 
 def proxy_objectives(lm: LoadedModel, profile: Profile, sets: ProxySets,
@@ -119,7 +128,7 @@ def proxy_objectives(lm: LoadedModel, profile: Profile, sets: ProxySets,
     opened = sets.open or {}
 
     def run(name: str, prompts: Sequence[str], base: torch.Tensor | None) -> torch.Tensor:
-        return _steered(lm, prompts, profile, base, opened.get(name), sets.gate, batch_size)
+        return steered_logprobs(lm, prompts, profile, base, opened.get(name), sets.gate, batch_size)
 
     target = refusal_log_odds(run("target", sets.target, sets.target_base), ids).mean()
     keep = refusal_log_odds(run("keep", sets.keep, sets.keep_base), ids).mean()
@@ -149,6 +158,7 @@ def run_study(
     seed: int,
     gate: Gate | None = None,
     on_trial: Callable[[int], None] | None = None,
+    levels: Sequence[float] | None = None,
 ) -> optuna.Study:
     """Run (or resume) the study until it holds `trials` finished trials.
 
@@ -174,7 +184,7 @@ def run_study(
             params["gate"] = trial.suggest_categorical("gate", list(space.gate_choices))
         else:
             params["gate"] = space.gate_choices[0]
-        profile = build_profile(params, directions, gaps, space, gate)
+        profile = build_profile(params, directions, gaps, space, gate, levels)
         target, keep, kl, kl_lifted = proxy_objectives(lm, profile, sets)
         s = space.sign
         trial.set_user_attr("gate", bool(params["gate"]))  # not sampled when fixed

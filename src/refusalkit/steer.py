@@ -19,7 +19,7 @@ from refusalkit.activations import capture
 from refusalkit.artifacts import dataset_record, model_record
 from refusalkit.directions import get_method, per_layer
 from refusalkit.errors import UserError
-from refusalkit.evaluate import Judged, judge_gated, judge_prompts
+from refusalkit.evaluate import Judged, judge_gated, judge_prompts, refusal_rate
 from refusalkit.gates import fit_gate, gate_of, gate_open, pool_position
 from refusalkit.interventions import Gate, Profile, save_profile
 from refusalkit.judge import JudgementCache, make_judge
@@ -57,18 +57,22 @@ def split_data(cfg: SteerConfig) -> dict[str, list[str]]:
         "neutral": neutral_all[: d.n_fit], "neutral_proxy": neutral_all[d.n_fit:],
         "safety_eval": load_prompts(d.safety_eval).take(d.n_eval, seed=seed).prompts,
         "harmless_eval": load_prompts(d.harmless_eval).take(d.n_eval, seed=seed).prompts,
+        "kl_eval": load_prompts(d.harmless_eval).take(d.n_kl, seed=seed,
+                                                      offset=d.n_eval).prompts,
     }
     for spec in d.overrefusal:
         out[f"overrefusal:{spec}"] = load_prompts(spec).take(d.n_eval, seed=seed).prompts
     # The topic gate's negatives: more and more varied "other" prompts than the fitting sets,
     # each source read past the rows every other role took (so they never overlap).
-    sources = [(d.neutral, d.n_fit + d.n_proxy), (d.safety_fit, d.n_fit),
-               *((spec, d.n_eval) for spec in d.overrefusal)]
-    taken = set(fit + held)
-    out["gate_negatives"] = [p for spec, offset in sources
-                             for p in load_prompts(spec).take(d.n_gate, seed=seed,
-                                                              offset=offset).prompts
-                             if p not in taken]
+    roles = {"neutral": [(d.neutral, d.n_fit + d.n_proxy)],
+             "safety_fit": [(d.safety_fit, d.n_fit)],
+             "overrefusal": [(spec, d.n_eval) for spec in d.overrefusal]}
+    sources = [src for name in d.gate_sources for src in roles.get(name, [(name, 0)])]
+    taken = {p for ps in out.values() for p in ps} | set(fit + held)
+    out["gate_negatives"] = list(dict.fromkeys(
+        p for spec, offset in sources
+        for p in load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
+        if p not in taken))
     return out
 
 
@@ -167,6 +171,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
         gate = Gate(gate_rec["layer"], torch.tensor(gate_rec["vector"]), gate_rec["threshold"],
                     gate_rec["pool"])
     space = _space(lm, cfg)
+    levels = _gaps_levels(acts, dirs["directions"], c_target, remove, c_safety)[1]
     refused_idx = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] > 0.1]
     answered_idx = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] < -0.1]
     pick = refused_idx if remove else answered_idx or list(range(len(data["target_fit"])))
@@ -186,7 +191,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
                           batch_size=cfg.batch_size)
         study = run_study(lm, dirs["directions"], dirs["gaps"].tolist(), space, sets,
                           trials=cfg.search.trials, storage=run.file("study.sqlite"),
-                          seed=cfg.seed, gate=gate)
+                          seed=cfg.seed, gate=gate, levels=levels)
         trials = [trial_record(t) for t in study.trials if t.values is not None]
         assert sets.target_base is not None
         unsteered = float(refusal_log_odds(sets.target_base, refusal_token_ids(lm)).mean())
@@ -210,7 +215,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
         k_open = gate_open(lm, gate, keep_proxy) if gate is not None else None
         for cand in searched["candidates"]:
             prof = build_profile(cand["params"], dirs["directions"], dirs["gaps"].tolist(),
-                                 space, gate)
+                                 space, gate, levels)
             gated = gate_of(prof) is not None
             jt, ot = judge_gated(lm, t_set, judge, prof, t_base, t_open if gated else None, **jk)
             if all(k_base):
@@ -221,7 +226,8 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
                 ok = torch.ones(len(jkp), dtype=torch.bool)
             tokens += sum(j.tokens for j, o in zip(jt + jkp, ot.tolist() + ok.tolist(),
                                                    strict=True) if o)
-            rows.append({**cand, "target_refusal": _rate(jt), "keep_refusal": _rate(jkp),
+            rows.append({**cand, "target_refusal": refusal_rate(jt),
+                         "keep_refusal": refusal_rate(jkp),
                          "gate_open_target": float(ot.double().mean())})
         return {"rows": rows, "generated_tokens": tokens,
                 "chosen": _choose(rows, base, remove, cfg.search.safety_keep, keep_proxy)}
@@ -229,7 +235,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
     verified = run.stage("verify", verify)
     chosen = verified["chosen"]
     profile = build_profile(chosen["params"], dirs["directions"], dirs["gaps"].tolist(), space,
-                            gate)
+                            gate, levels)
     profile = Profile(profile.ops, meta={"method": cfg.directions.method, "mode": cfg.mode,
                                          "params": chosen["params"]})
     save_profile(profile, run.file("profile"), lm)
@@ -239,9 +245,9 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
     if cfg.eval.baselines:
         for m in BASELINE_METHODS:
             if m in dirs:
-                baselines[f"{m}_steering"] = build_profile(
-                    chosen["params"], dirs[m], _gaps(acts, dirs[m], c_target, remove, c_safety),
-                    space, gate)
+                gaps, lv = _gaps_levels(acts, dirs[m], c_target, remove, c_safety)
+                baselines[f"{m}_steering"] = build_profile(chosen["params"], dirs[m], gaps,
+                                                           space, gate, lv)
         if remove:
             rec = run.stage("arditi", lambda: arditi_baseline(lm, acts, data, base, cfg))
             baselines["arditi_ablation"] = arditi_profile(rec, lm)
@@ -249,7 +255,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
     metrics = run.stage("evaluate", lambda: evaluate_all(lm, data, judge, profile, baselines,
                                                          jk, cfg))
     metrics.update({
-        "mode": cfg.mode, "method": cfg.directions.method,
+        "mode": cfg.mode, "method": cfg.directions.method, "operator": cfg.search.operator,
         "chosen_layers": profile.layers,
         "chosen_strengths": {str(k): v for k, v in profile.ops[0].strengths.items()},
         "gated": bool(chosen["params"].get("gate", False)),
@@ -270,10 +276,6 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
 # Plain mean difference and paper A's WRMD: whichever the run does not steer with is steered
 # with the same layers, strengths and gate, so the value of the estimator is measured.
 BASELINE_METHODS = ("md", "wrmd")
-
-
-def _rate(js: list[Judged]) -> float:
-    return sum(j.label == "refusal" for j in js) / max(1, len(js))
 
 
 def _classes(acts: dict[str, torch.Tensor], c: torch.Tensor, remove: bool,
@@ -304,11 +306,19 @@ def _classes(acts: dict[str, torch.Tensor], c: torch.Tensor, remove: bool,
     return refused, complied, w_r, w_c
 
 
-def _gaps(acts, dirs: torch.Tensor, c: torch.Tensor, remove: bool,
-          c_safety: torch.Tensor) -> list[float]:
+def _gaps_levels(acts, dirs: torch.Tensor, c: torch.Tensor, remove: bool,
+                 c_safety: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per layer: the refuse-vs-answer projection gap, and the projection of the class the
+    steering moves (refusing prompts when removing, answering ones when inducing), which a
+    clamp starts from."""
     refused, complied, _, _ = _classes(acts, c, remove, c_safety)
-    return [float((refused[:, i] @ dirs[i]).mean() - (complied[:, i] @ dirs[i]).mean())
-            for i in range(dirs.shape[0])]
+    moved = refused if remove else complied
+    gaps, levels = [], []
+    for i in range(dirs.shape[0]):
+        u = dirs[i] / dirs[i].norm().clamp_min(1e-12)
+        gaps.append(float((refused[:, i] @ dirs[i]).mean() - (complied[:, i] @ dirs[i]).mean()))
+        levels.append(float((moved[:, i] @ u).mean()))
+    return gaps, levels
 
 
 def _space(lm: LoadedModel, cfg: SteerConfig) -> SearchSpace:
@@ -316,7 +326,7 @@ def _space(lm: LoadedModel, cfg: SteerConfig) -> SearchSpace:
     lo, hi = max(1, min(lo, lm.n_layers - 1)), max(lo + 1, min(hi, lm.n_layers))
     gate = {"off": (False,), "on": (True,), "search": (False, True)}[cfg.search.gate]
     return SearchSpace((lo, hi), cfg.search.max_layers, cfg.search.alpha_max,
-                       -1.0 if cfg.mode == "remove" else 1.0, gate)
+                       -1.0 if cfg.mode == "remove" else 1.0, gate, cfg.search.operator)
 
 
 def _fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],

@@ -30,11 +30,22 @@ class DataConfig(ConfigModel):
     """Prompts per proxy set scored in every search trial (cost ∝ trials × 3 × n_proxy)."""
     n_eval: int = Field(30, ge=2)
     """Prompts per held-out evaluation set (target eval uses its whole held-out share)."""
+    n_kl: int = Field(200, ge=0)
+    """Extra held-out ordinary prompts (harmless_eval's rows after its first n_eval) on which
+    KL is measured together with harmless_eval. A gated profile's KL comes only from the few
+    prompts its gate opens for, so n_eval prompts alone measure it in steps of one leak's KL
+    divided by n_eval (0.11 for one leak in 30 on qwen2.5-coder-0.5b)."""
     max_target: int = Field(200, ge=4)
     """At most this many prompts from each target set."""
     n_gate: int = Field(64, ge=0)
-    """Extra "other topic" prompts for fitting the topic gate, drawn from each of neutral,
-    safety_fit and every overrefusal set past the rows used elsewhere (never evaluated on)."""
+    """Extra "other topic" prompts for fitting the topic gate, drawn from each gate source
+    past the rows used elsewhere (never evaluated on)."""
+    gate_sources: list[str] = ["neutral", "safety_fit", "overrefusal"]
+    """Where the topic gate's extra negatives come from: the role names neutral, safety_fit
+    and overrefusal (read past the rows those roles use) or any dataset spec (rows any other
+    role uses are skipped). Leaving overrefusal out lets the gate open on benign look-alikes
+    of the topic, which steering then answers (over-refusal can only fall) — higher topic
+    recall for remove mode; keep it for induce mode, where opening there adds refusals."""
 
 
 class JudgeConfig(ConfigModel):
@@ -72,6 +83,10 @@ class SearchConfig(ConfigModel):
     """KL budget on neutral prompts for a trial to count."""
     safety_keep: float = Field(0.9, ge=0, le=1)
     """Keep at least this share of the baseline safety refusal (remove mode)."""
+    operator: Literal["add", "clamp"] = "add"
+    """How the direction is applied: add it (every state shifted by the same amount), or
+    clamp (addition capped per state: states the direction already puts on the answering
+    side are left alone, so leaks and answers change less; see interventions.clamping)."""
     gate: Literal["off", "on", "search"] = "search"
     """Topic gate (conditional steering): off, always on, or let the search decide."""
     gate_max_layer: float = Field(0.45, gt=0, lt=1)

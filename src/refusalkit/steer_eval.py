@@ -15,7 +15,13 @@ import torch
 
 from refusalkit.directions import mean_difference, per_layer
 from refusalkit.errors import UserError
-from refusalkit.evaluate import Judged, judge_gated, judge_prompts, perplexity_ratio
+from refusalkit.evaluate import (
+    Judged,
+    judge_gated,
+    judge_prompts,
+    perplexity_ratio,
+    refusal_rate,
+)
 from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import Profile, ablation
 from refusalkit.judge import Judge, KeywordJudge
@@ -23,11 +29,8 @@ from refusalkit.models import LoadedModel
 from refusalkit.report import build_report, figure, save_examples, save_figure, save_table
 from refusalkit.runs import RunDir
 from refusalkit.scoring import kl_divergence, last_logprobs
+from refusalkit.search import steered_logprobs
 from refusalkit.selection import arditi_select, depth_window
-
-
-def _rate(js: list[Judged]) -> float:
-    return sum(j.label == "refusal" for j in js) / max(1, len(js))
 
 
 def _keyword_rate(js: list[Judged]) -> float:
@@ -53,7 +56,7 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
 
     def decisions(g: Any, s: str) -> torch.Tensor:
         if (id(g), s) not in decided:  # the chosen profile and its baselines share a gate
-            decided[id(g), s] = gate_open(lm, g, data[s])
+            decided[id(g), s] = gate_open(lm, g, data.get(s, []))
         return decided[id(g), s]
 
     for name, p in {"after": profile, **baselines}.items():
@@ -65,12 +68,14 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
                 decisions(g, s) if g is not None else None, **jk)
             if g is not None:
                 open_share.setdefault(name, {})[s] = float(opened.double().mean())
-    rates = {name: {s: _rate(js) for s, js in by_set.items()} for name, by_set in judged.items()}
+    rates = {name: {s: refusal_rate(js) for s, js in by_set.items()}
+             for name, by_set in judged.items()}
     kw = {name: {s: _keyword_rate(js) for s, js in by_set.items()}
           for name, by_set in judged.items()}
 
     harmless = data["harmless_eval"]
-    base_logp = last_logprobs(lm, harmless, batch_size=cfg.batch_size)
+    kl_prompts = harmless + data.get("kl_eval", [])  # KL is cheap: measured on more prompts
+    base_logp = last_logprobs(lm, kl_prompts, batch_size=cfg.batch_size)
     base_answers = [j.response for j in judge_prompts(lm, harmless, judge, **{**jk,
                                                                               "mode": "greedy"})]
 
@@ -79,11 +84,17 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
         if g is not None:
             open_share[name]["harmless_eval"] = float(decisions(g, "harmless_eval").double()
                                                       .mean())
+            if data.get("kl_eval"):
+                open_share[name]["kl_eval"] = float(decisions(g, "kl_eval").double().mean())
 
     def cost(p: Profile) -> dict[str, float]:
-        kl = kl_divergence(base_logp, last_logprobs(lm, harmless, profile=p,
-                                                    batch_size=cfg.batch_size)).mean()
-        return {"kl_harmless": float(kl),
+        g = gate_of(p)  # a shut gate changes nothing: only the rows it opens for are run
+        opened = (torch.cat([decisions(g, "harmless_eval"), decisions(g, "kl_eval")])
+                  if g is not None else None)
+        kl = kl_divergence(base_logp, steered_logprobs(lm, kl_prompts, p, base_logp, opened, g,
+                                                       cfg.batch_size))
+        return {"kl_harmless": float(kl.mean()),
+                "kl_harmless_first_n_eval": float(kl[: len(harmless)].mean()),
                 "perplexity_ratio": perplexity_ratio(lm, harmless, base_answers, p)}
 
     before, after = _summary(rates["before"], over), _summary(rates["after"], over)
@@ -99,6 +110,7 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
         "per_dataset": {name: {"judge": rates[name], "keyword": kw[name]} for name in rates},
         "baselines": {},
         "gate_open": open_share,
+        "kl_harmless_prompts": len(kl_prompts), "kl_first_n": len(harmless),
     }
     for name in baselines:
         s = _summary(rates[name], over)
