@@ -79,8 +79,8 @@ def proxy_sets(lm: LoadedModel, target: Sequence[str], keep: Sequence[str],
 
 
 def steered_logprobs(lm: LoadedModel, prompts: Sequence[str], profile: Profile,
-             base: torch.Tensor | None, opened: torch.Tensor | None, gate: Gate | None,
-             batch_size: int) -> torch.Tensor:
+                     base: torch.Tensor | None, opened: torch.Tensor | None,
+                     gate: Gate | None, batch_size: int) -> torch.Tensor:
     """Steered last-position log-probs, running only the rows a gated profile changes (when
     its gate is the one the decisions came from)."""
     if base is None or opened is None or gate is None or gate_of(profile) is not gate:

@@ -68,7 +68,7 @@ def split_data(cfg: SteerConfig) -> dict[str, list[str]]:
              "safety_fit": [(d.safety_fit, d.n_fit)],
              "overrefusal": [(spec, d.n_eval) for spec in d.overrefusal]}
     sources = [src for name in d.gate_sources for src in roles.get(name, [(name, 0)])]
-    taken = {p for ps in out.values() for p in ps} | set(fit + held)
+    taken = {p for ps in out.values() for p in ps}
     out["gate_negatives"] = list(dict.fromkeys(
         p for spec, offset in sources
         for p in load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
@@ -139,8 +139,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
             return per_layer(get_method(method), refused, complied, **kwargs)
 
         dirs = estimate(cfg.directions.method)
-        gaps = torch.stack([(refused[:, i] @ dirs[i]).mean() - (complied[:, i] @ dirs[i]).mean()
-                            for i in all_layers])
+        gaps = torch.tensor(_gaps_levels(acts, dirs, c_target, remove, c_safety)[0])
         # the other estimator of the md / wrmd pair, steered the same way as a baseline
         return {"directions": dirs, "gaps": gaps,
                 **{m: estimate(m) for m in BASELINE_METHODS if m != cfg.directions.method}}

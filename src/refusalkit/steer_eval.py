@@ -56,7 +56,7 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
 
     def decisions(g: Any, s: str) -> torch.Tensor:
         if (id(g), s) not in decided:  # the chosen profile and its baselines share a gate
-            decided[id(g), s] = gate_open(lm, g, data.get(s, []))
+            decided[id(g), s] = gate_open(lm, g, data[s])
         return decided[id(g), s]
 
     for name, p in {"after": profile, **baselines}.items():
@@ -74,7 +74,7 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
           for name, by_set in judged.items()}
 
     harmless = data["harmless_eval"]
-    kl_prompts = harmless + data.get("kl_eval", [])  # KL is cheap: measured on more prompts
+    kl_prompts = harmless + data["kl_eval"]  # KL is cheap: measured on more prompts
     base_logp = last_logprobs(lm, kl_prompts, batch_size=cfg.batch_size)
     base_answers = [j.response for j in judge_prompts(lm, harmless, judge, **{**jk,
                                                                               "mode": "greedy"})]
@@ -84,7 +84,7 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
         if g is not None:
             open_share[name]["harmless_eval"] = float(decisions(g, "harmless_eval").double()
                                                       .mean())
-            if data.get("kl_eval"):
+            if data["kl_eval"]:
                 open_share[name]["kl_eval"] = float(decisions(g, "kl_eval").double().mean())
 
     def cost(p: Profile) -> dict[str, float]:
