@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from refusalkit.errors import UserError
 from refusalkit.models import LoadedModel
 from refusalkit.progress import bar
+from refusalkit.runs import umask_mode
 
 MEAN_POST = "mean_post"  # mean over the post-instruction template tokens
 MEAN_ALL = "mean_all"  # mean over every (non-padding) token of the formatted prompt
@@ -172,6 +173,7 @@ def capture(
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
         save_file({"activations": out.contiguous()}, str(tmp))
+        umask_mode(tmp)
         tmp.replace(cache_file)
     return out
 

@@ -115,6 +115,32 @@ def load_config(path: str | Path | None, model: type[M],
 
 
 # ------------------------------------------------------------------------------- errors
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: insert, delete, substitute, swap neighbours (1 each)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def suggest(name: str, allowed: Iterable[str]) -> list[str]:
+    """Likely intended keys, best first. Ranked by edit distance counting a swap of two
+    letters as one edit, then by length difference: 'modle' → 'model' (a swap) before
+    'mode' (a deletion), where difflib's ratio prefers the shorter 'mode'."""
+    allowed = list(allowed)
+    close = set(difflib.get_close_matches(name, allowed, n=3))
+    limit = max(1, len(name) // 3)
+    close |= {a for a in allowed if _edit_distance(name, a) <= limit}
+    return sorted(close, key=lambda a: (_edit_distance(name, a), abs(len(a) - len(name)),
+                                        -difflib.SequenceMatcher(None, name, a).ratio(), a))
+
+
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
     """The pydantic models an annotation can hold (through Optional, list, dict, …)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -157,7 +183,7 @@ def format_error(exc: ValidationError, model: type[BaseModel]) -> str:
             owner = _model_at(model, loc)
             allowed = list(owner.model_fields) if owner is not None else []
             name = str(loc[-1])
-            hint = difflib.get_close_matches(name, allowed, n=1)
+            hint = suggest(name, allowed)
             section = f" in [{_dotted(loc[:-1])}]" if len(loc) > 1 else ""
             msg = f"unknown key '{name}'{section}"
             if hint:

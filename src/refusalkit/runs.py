@@ -87,6 +87,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def umask_mode(path: str | Path) -> Path:
+    """Give a written file the mode a plain open() would (0666 less the umask): safetensors
+    writes through a private temp file and leaves 0600, so a checkpoint or artifact handed to
+    another user or service account would be unreadable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    return Path(path)
+
+
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -220,6 +230,7 @@ class RunDir:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         save_file({k: v.detach().contiguous().cpu() for k, v in sorted(result.items())},
                   str(tmp))
+        umask_mode(tmp)
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         tmp.replace(path)

@@ -9,6 +9,11 @@ request overrides it in an extra body field:
     "steering": {"scale": 0.5}      # multiply the profile's addition strengths (0 = none)
     "steering": {"enabled": false}  # no hooks at all (ablation off too)
 
+The server holds one model. A request naming another model is answered by that one, as
+single-model servers (llama.cpp, LM Studio) do, so clients with a fixed model name still work;
+the response's `model` field names the served model (as OpenAI's names the snapshot that
+answered), and it carries a `warning` field and an `X-Refusalkit-Warning` header saying so.
+
 Every request is bounded — body size, `max_tokens`, prompt length, `n` and the number of
 requests in flight — and every failure is a JSON error in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`, never a crash. With an API key, requests
@@ -22,27 +27,47 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from refusalkit.batching import OFF, Engine, Job, Sampling, request_id
 from refusalkit.errors import UserError
 from refusalkit.interventions import Profile, steer
 from refusalkit.models import LoadedModel
+from refusalkit.serve_schema import (  # re-exported: the schema used to live here
+    MAX_N,
+    MAX_SCALE,
+    MAX_STOPS,
+    MAX_TOP_LOGPROBS,
+    ChatRequest,
+    Message,
+    Steering,
+    TextPart,
+    _validation_message,
+)
 
-MAX_N = 8
-MAX_STOPS = 4
-MAX_TOP_LOGPROBS = 20
-MAX_SCALE = 1e3
+__all__ = ["MAX_N", "MAX_SCALE", "MAX_STOPS", "MAX_TOP_LOGPROBS", "ApiError", "ChatRequest",
+           "Message", "Steering", "TextPart", "create_app", "serve_in_thread"]
+
+
+def model_warning(requested: str | None, served: str, warned: set[str]) -> str | None:
+    """The note for a request that names another model (logged once per name)."""
+    if not requested or requested == served:
+        return None
+    if requested not in warned:
+        warned.add(requested)
+        logging.getLogger("refusalkit.serve").warning(
+            "a request named model '%s'; this server answers with '%s'", requested, served)
+    return f"this server serves '{served}' only; the request named '{requested}'"
 
 
 class ApiError(Exception):
@@ -61,86 +86,6 @@ def error_response(status: int, message: str, code: str, kind: str = "invalid_re
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-# ---------------------------------------------------------------- request schema
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
-
-
-class Steering(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    scale: float | None = None
-
-    @field_validator("scale")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not (math.isfinite(v) and abs(v) <= MAX_SCALE):
-            raise ValueError(f"must be a finite number with |scale| <= {MAX_SCALE:g}")
-        return v
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    steering: Steering | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-
-    def unsupported(self) -> str | None:
-        """Name a feature this server does not implement rather than silently ignore it."""
-        if self.tools or self.functions:
-            return "tool and function calling are not supported by this server"
-        if self.logit_bias:
-            return "logit_bias is not supported by this server"
-        if self.frequency_penalty or self.presence_penalty:
-            return "frequency_penalty and presence_penalty are not supported by this server"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format other than text is not supported by this server"
-        if self.top_logprobs and not self.logprobs:
-            return "top_logprobs requires logprobs: true"
-        return None
-
-    def stops(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return tuple(s for s in stops if s)
-
-
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    return (f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))), (loc or None)
 
 
 def render_prompt(lm: LoadedModel, messages: list[Message]) -> str:
@@ -185,6 +130,7 @@ def create_app(
     context = int(getattr(lm.model.config, "max_position_embeddings", None) or 1 << 30)
     slots = {"used": 0}
     lock = threading.Lock()
+    warned: set[str] = set()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -328,11 +274,14 @@ def create_app(
         admit(job)
         meta = {"id": request_id(), "created": int(time.time()), "model": name}
         steering = {"enabled": job.key is not OFF, "scale": job.key}
+        note = model_warning(req.model, name, warned)
+        extra = {"warning": note} if note else {}
+        headers = {"X-Refusalkit-Warning": note} if note else {}
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(
                 _sse(job, meta, include_usage), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         try:
             texts, logprobs, finish = await job.collect()
         except asyncio.CancelledError:
@@ -345,8 +294,9 @@ def create_app(
                     "logprobs": {"content": logprobs[i]} if req.logprobs else None,
                     "finish_reason": finish[i]} for i in range(job.n)]
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices,
-                             "usage": job.usage(), "steering": steering,
-                             "system_fingerprint": f"rk-{lm.fingerprint[:12]}"})
+                             "usage": job.usage(), "steering": steering, **extra,
+                             "system_fingerprint": f"rk-{lm.fingerprint[:12]}"},
+                            headers=headers)
 
     return app
 

@@ -98,6 +98,16 @@ def _separation(pos: torch.Tensor, neg: torch.Tensor,
     return out
 
 
+def class_projections(pos: torch.Tensor, neg: torch.Tensor,
+                      dirs: torch.Tensor) -> dict[str, list[float]]:
+    """Per layer, each prompt set's mean projection on the unit direction. Stored in the
+    artifact: `refusalkit profile` needs their gap for a relative strength and the
+    refusing (or answering) side's level for a clamp."""
+    unit = dirs.double() / dirs.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return {name: [float(acts[:, i].double().mean(0) @ unit[i]) for i in range(len(unit))]
+            for name, acts in (("positive", pos), ("negative", neg))}
+
+
 def _extract_report(run: Any, layer_list: list[int], sep: list[dict[str, float]],
                     dirs: torch.Tensor) -> None:
     """Layer profile, cross-layer cosine heatmap and a per-layer table for report.html."""
@@ -181,7 +191,8 @@ def run_extract(cfg: ExtractConfig, out: Path, *, run_dir: Path | None = None,
         dirs = run.tensor_stage("directions", lambda: {
             "refusal": per_layer(estimator, acts_p, acts_n, **kwargs)})["refusal"]
     meta = {"site": "resid_pre", "position": pos_arg, "method": cfg.method,
-            "lambda": cfg.lam if kwargs else None, "datasets": datasets}
+            "lambda": cfg.lam if kwargs else None, "datasets": datasets,
+            "projections": class_projections(acts_p, acts_n, dirs)}
     save_directions(DirectionSet({"refusal": dirs}, layer_list, meta), out, lm)
     if run is not None:
         from refusalkit.report import build_report

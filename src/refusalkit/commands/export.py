@@ -12,9 +12,9 @@ def register(app: typer.Typer) -> None:
     from refusalkit.cli import options
 
     export_app = typer.Typer(help="Export steering to formats other tools load.",
-                             no_args_is_help=True)
+                             no_args_is_help=True, rich_markup_mode=None)
     import_app = typer.Typer(help="Import steering made elsewhere as a refusalkit profile.",
-                             no_args_is_help=True)
+                             no_args_is_help=True, rich_markup_mode=None)
     app.add_typer(export_app, name="export")
     app.add_typer(import_app, name="import")
 

@@ -39,7 +39,20 @@ def register(app: typer.Typer) -> None:
         system_prompt: str | None = typer.Option(None, "--system-prompt"),
         allow_other_model: bool = typer.Option(False, "--allow-other-model"),
     ) -> None:
-        """Serve /v1/chat/completions (streaming, logprobs, per-request steering override)."""
+        """Serve /v1/chat/completions (streaming, logprobs, per-request steering override).
+
+        The profile steers every request unless the request body overrides it with an extra
+        `steering` field (OpenAI clients: extra_body={"steering": {...}}):
+
+        \b
+          "steering": {"scale": 0.5}      scale the profile's addition strengths (0 = none)
+          "steering": {"enabled": false}  no steering at all for this request (ablation too)
+
+        The response echoes what was applied ("steering": {"enabled", "scale"}). One model
+        is served: a request naming another model is answered by it anyway; the response's
+        "model" names the served model and a "warning" field (and an X-Refusalkit-Warning
+        header) says so. GET /v1/models lists the name (--served-model-name).
+        """
         import uvicorn
 
         from refusalkit.interventions import load_profile
