@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
+from conftest import assert_same_up_to_float32
 
 from refusalkit.judge import KeywordJudge, score_prompts, summarize
 from refusalkit.judge.base import REFUSAL_STYLES, UNPARSEABLE
@@ -38,8 +39,11 @@ def test_llm_judge_one_pass_scores_real_model(qwen) -> None:
                                                   add_special_tokens=False)["input_ids"])]
                  for w in ("refusal", "partial", "compliance")]
     ref = full.logits[0, -1].float().log_softmax(-1)[label_ids]
-    assert torch.allclose(logp[2], ref, atol=1e-3)
-    assert torch.allclose(hidden[2, 0], full.hidden_states[-1][0, -1].float(), atol=1e-3)
+    # measured (OMP_NUM_THREADS=1 and 2 alike): log-probs up to 2.6 agree to 3.9e-6 (1.5e-6
+    # relative) and final hidden states up to 96 to 2.1e-5 (2.2e-7); the next item's row
+    # differs by 0.60 and 6.5, so a row mix-up in the batch cannot pass.
+    assert_same_up_to_float32(logp[2], ref, logp[3])
+    assert_same_up_to_float32(hidden[2, 0], full.hidden_states[-1][0, -1].float(), hidden[3, 0])
     # Behaviour: the explicit refusals score above the plain answers.
     out = judge.judge(prompts, responses)
     assert min(out[0].score, out[1].score) > max(out[2].score, out[3].score)

@@ -31,6 +31,7 @@ def test_missing_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) 
         assemble_packaged(PACKAGED["qwen2.5-coder-0.5b"])
 
 
+@pytest.mark.real  # assembles the packaged qwen2.5-coder-0.5b weights (491 MB)
 def test_corrupt_assembled_file_is_rebuilt_not_loaded(tmp_path: Path) -> None:
     pm = PACKAGED["qwen2.5-coder-0.5b"]
     path, digest = assemble_packaged(pm, tmp_path)

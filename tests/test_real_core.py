@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_up_to_float32
 
 from refusalkit.activations import capture
 from refusalkit.directions import mean_difference, per_layer
@@ -127,14 +128,18 @@ def test_orthogonalised_qwen_matches_hook_ablation(qwen, qwen_direction) -> None
 
     _layer, _pos, r, _, _, _ = qwen_direction
     ids = qwen.tokenizer([qwen.format("How do I pick a lock?")], return_tensors="pt")
-    with torch.no_grad(), steer(qwen, Profile((ablation(r, list(range(qwen.n_layers))),))):
-        hooked = qwen.model(**ids).logits
+    with torch.no_grad():
+        plain = qwen.model(**ids).logits
+        with steer(qwen, Profile((ablation(r, list(range(qwen.n_layers))),))):
+            hooked = qwen.model(**ids).logits
     copy = load_model("qwen2.5-coder-0.5b")
     orthogonalize(copy, r)
     with torch.no_grad():
         folded = copy.model(**ids).logits
     del copy
-    assert (folded - hooked).abs().max() < 1e-4
+    # measured (OMP_NUM_THREADS=1 and 2 alike, direction at layer 17): max |diff| 3.2e-5 on
+    # logits up to 30.6 (1.1e-6 relative), while the ablation moves them by 7.3
+    assert_same_up_to_float32(folded, hooked, plain)
 
 
 def test_smollm2_extraction_ablation_and_orthogonalisation(smol, fresh_smol) -> None:
@@ -150,9 +155,6 @@ def test_smollm2_extraction_ablation_and_orthogonalisation(smol, fresh_smol) -> 
             hooked = smol.model(**ids).logits
         orthogonalize(fresh_smol, r)
         folded = fresh_smol.model(**ids).logits
-    assert (hooked - plain).abs().max() > 1e-3
-    # float32 sums over 30 layers: folded and hooked logits (~20 in size) were measured 1.0e-4
-    # apart on one run and under it on others; the fold must agree far better than ablation
-    # changes anything.
-    err = (folded - hooked).abs().max()
-    assert err < 2e-4 and err < 0.01 * (hooked - plain).abs().max()
+    # float32 sums over 30 layers, measured (OMP_NUM_THREADS=1 and 2 alike): max |diff| 9.4e-5
+    # on logits up to 31.1 (3.0e-6 relative), while the ablation moves them by 30.7
+    assert_same_up_to_float32(folded, hooked, plain)

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -232,3 +233,70 @@ def test_report_renders_in_headless_chromium(run: RunDir, tmp_path: Path) -> Non
                     "--dump-dom")
     assert "1 of 3 examples" in dom.stdout
     assert len(re.findall(r'<tr [^>]*class="hidden"', dom.stdout)) == 2
+
+
+# ------------------------------------------------ the pipelines' own reports, in Chromium
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny-model steer and analyze runs, made as test_steer / test_analyze make them."""
+    from conftest import build_tiny
+    from test_analyze import _tiny_config
+    from test_steer import PlantedWord, tiny_cfg
+
+    from refusalkit.analyze import analyze
+    from refusalkit.steer import run_steer
+
+    root = tmp_path_factory.mktemp("pipelines")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("refusalkit.steer.make_judge", lambda spec: PlantedWord())
+        steer_run = run_steer(tiny_cfg(**{"eval.baselines": False}), root / "steer",
+                              show_progress=False, lm=build_tiny("llama"))
+    analyze_run = analyze(_tiny_config(root), root / "analyze", lm=build_tiny("qwen2"),
+                          show_progress=False)
+    return {"steer": steer_run, "analyze": analyze_run}
+
+
+PIPELINE_SECTIONS = {
+    "steer": ["Summary", "Layers", "Search", "Evaluation", "Examples"],
+    "analyze": ["Summary", "Baseline", "Layers", "Directions", "Geometry", "Trade-offs",
+                "Styles", "Examples"],
+}
+
+
+@pytest.mark.parametrize("pipeline", ["steer", "analyze"])
+def test_pipeline_report_renders_in_headless_chromium(pipeline: str, pipeline_runs,
+                                                      tmp_path: Path) -> None:
+    """The report.html a real (tiny) run wrote, not a hand-built folder: it renders without
+    page errors, every figure and example the run registered is on the page, and the examples
+    filter works on the run's own rows."""
+    out = pipeline_runs[pipeline]
+    page = out / "report.html"
+    shot = tmp_path / "report.png"
+    proc = _chromium(tmp_path, page.as_uri(), f"--screenshot={shot}",
+                     "--window-size=1280,2000")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 30_000  # a real, non-blank render
+    assert _page_errors(proc.stderr) == []
+
+    dom = _chromium(tmp_path, page.as_uri(), "--dump-dom")
+    assert _page_errors(dom.stderr) == []
+    html = dom.stdout
+    assert 'data-report-ready="1"' in html  # the inline script ran to the end
+    assert _sections(html) == PIPELINE_SECTIONS[pipeline]
+    figures = json.loads((out / "figures" / "index.json").read_text())
+    assert len(figures) >= 3 and html.count("<svg") == len(figures)
+    examples = [json.loads(line) for line in
+                (out / "examples.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    n = len(examples)
+    assert n > 0 and f"{n} of {n} examples" in html
+
+    # The filter, in the browser, on the run's own rows: one dataset of several.
+    datasets = sorted({r["dataset"] for r in examples})
+    assert len(datasets) >= 2, datasets
+    shown = sum(r["dataset"] == datasets[0] for r in examples)
+    dom = _chromium(tmp_path, f"{page.as_uri()}#filter?dataset={quote(datasets[0])}",
+                    "--dump-dom")
+    assert f"{shown} of {n} examples" in dom.stdout
+    assert len(re.findall(r'<tr [^>]*class="hidden"', dom.stdout)) == n - shown > 0

@@ -10,7 +10,7 @@ from conftest import build_tiny
 
 from refusalkit.errors import UserError
 from refusalkit.interventions import load_profile
-from refusalkit.judge import Judgement
+from refusalkit.judge import Judgement, JudgementCache
 from refusalkit.prompts import load_prompts
 from refusalkit.steer import run_steer, split_data
 from refusalkit.steer_config import SteerConfig
@@ -23,25 +23,30 @@ def tiny_cfg(**over) -> SteerConfig:
                             {"search.trials": 3, "judge.max_new_tokens": 4, **over})
 
 
-class SafetyRefuser:
-    """Judge for the tiny random model, which refuses nothing: it calls the answers to the
-    safety prompts refusals, so every stage has two classes to work with. (The real-model test
-    below judges real answers.)"""
+class PlantedWord:
+    """Judge for the tiny random model, which refuses nothing: an answer that contains the
+    planted word is a "refusal". The word judges the *response*, so steering changes the rates.
 
-    id = "test:safety-refuser"
+    "steal" is a word of the tiny vocabulary that the unsteered tiny llama (seed 0) emits in its
+    4-token greedy answers to 5 of 12 topic fitting prompts, 3 of 8 held-out topic prompts and
+    5 of 8 safety prompts, and that adding / subtracting the fitted direction makes appear /
+    disappear (measured: held-out topic refusal 0.375 → 1.0 inducing, → 0.0 removing). (The
+    real-model tests below judge real answers.)"""
 
-    def __init__(self, refused: list[str]) -> None:
-        self.refused = set(refused)
+    id = "test:planted-word"
+    word = "steal"
 
     def judge(self, prompts, responses):
-        return [Judgement("refusal", 1.0, "direct_refusal") if p in self.refused
-                else Judgement("compliance", -1.0, "compliance") for p in prompts]
+        return [Judgement("refusal", 1.0, "direct_refusal") if self.word in r.split()
+                else Judgement("compliance", -1.0, "compliance") for r in responses]
 
 
 def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) -> None:
+    """Mode remove on the tiny model: every stage (the Arditi baseline too) runs, the judged
+    held-out topic refusal goes down, and a resumed run reuses every stage."""
     lm = build_tiny("llama")
-    cfg = tiny_cfg()
-    judge = SafetyRefuser(load_prompts(cfg.data.safety_fit).prompts)
+    cfg = tiny_cfg(mode="remove")
+    judge = PlantedWord()
     monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: judge)
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -50,12 +55,21 @@ def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) ->
                 "kl_harmless", "perplexity_ratio", "baselines", "chosen_layers",
                 "chosen_strengths", "search_generated_tokens"):
         assert key in metrics, key
-    assert "md_steering" in metrics["baselines"]
+    assert set(metrics["baselines"]) == {"md_steering", "arditi_ablation"}
+    # the planted word was in 3 of 8 held-out topic answers; removal takes it out (measured 0/8)
+    assert metrics["target_refusal_before"] > 0.0
+    assert metrics["target_refusal_after"] < metrics["target_refusal_before"], metrics
+    assert all(s < 0 for s in metrics["chosen_strengths"].values())  # remove: subtract
     # KL is measured on harmless_eval plus n_kl more held-out ordinary prompts
     assert metrics["kl_harmless_prompts"] == cfg.data.n_eval + cfg.data.n_kl
     stages = {p.stem for p in (out / "stages").iterdir()}
     assert {"baseline", "activations", "directions", "layers", "search", "verify",
-            "evaluate"} <= stages
+            "arditi", "evaluate"} <= stages
+    cache = JudgementCache(out / "judgements.sqlite")  # judged through the loop guard
+    try:
+        assert cache.count(f"loop({judge.id})") == cache.count() > 0
+    finally:
+        cache.close()
     prof = load_profile(out / "profile", lm)
     assert prof.layers == metrics["chosen_layers"]
     assert (out / "report.html").is_file()
@@ -72,22 +86,23 @@ def test_the_other_estimator_is_the_baseline(tmp_path: Path, monkeypatch) -> Non
     """Steering with MD compares against WRMD steered the same way (and vice versa, above)."""
     lm = build_tiny("llama")
     cfg = tiny_cfg(**{"directions.method": "md", "eval.examples": 0})
-    judge = SafetyRefuser(load_prompts(cfg.data.safety_fit).prompts)
-    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: judge)
+    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: PlantedWord())
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["baselines"]) == {"wrmd_steering"}  # induce mode: no Arditi ablation
     assert metrics["method"] == "md"
+    # induce: the planted word now appears in more held-out topic answers (measured 3/8 → 8/8)
+    assert metrics["target_refusal_after"] > metrics["target_refusal_before"], metrics
 
 
 def test_clamp_operator_runs_through_the_pipeline(tmp_path: Path, monkeypatch) -> None:
     """search.operator = clamp: every trial, the chosen profile and the estimator baseline
-    clamp, from the moved class's level (here answering prompts: tiny_steer induces)."""
+    clamp, from the moved class's level (here answering prompts: tiny_steer induces). The
+    gate is off, so the clamp acts on every prompt."""
     lm = build_tiny("llama")
     cfg = tiny_cfg(**{"search.operator": "clamp", "search.alpha_max": 8.0,
-                      "eval.examples": 0, "data.n_kl": 8})
-    judge = SafetyRefuser(load_prompts(cfg.data.safety_fit).prompts)
-    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: judge)
+                      "eval.examples": 0, "data.n_kl": 8, "search.gate": "off"})
+    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: PlantedWord())
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
     metrics = json.loads((out / "metrics.json").read_text())
     prof = load_profile(out / "profile", lm)
@@ -95,7 +110,12 @@ def test_clamp_operator_runs_through_the_pipeline(tmp_path: Path, monkeypatch) -
     assert [op.kind for op in prof.ops] == ["clamp"]
     assert set(prof.ops[0].levels) == set(prof.layers)
     assert all(s > 0 for s in prof.ops[0].strengths.values())  # induce: raise toward refusal
-    assert metrics["kl_harmless"] >= 0.0
+    assert metrics["target_refusal_after"] > metrics["target_refusal_before"], metrics
+    # Ungated by construction (gate off), the clamp moves every harmless prompt's states too,
+    # so their next-token distributions change: KL strictly positive (measured 0.0066), and
+    # far below 1 (candidates are taken within search.kl_max = 0.1 on the proxy prompts).
+    assert not metrics["gated"]
+    assert 0.0 < metrics["kl_harmless"] < 1.0, metrics["kl_harmless"]
 
 
 def test_gate_negatives_come_from_the_named_sources_and_overlap_nothing() -> None:
