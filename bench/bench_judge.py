@@ -5,10 +5,11 @@
         [--json out.json]
 
 Binary agreement (partial counts as refusal) with the human labels, AUC of the judge's score,
-and seconds per item. Each judge is built and warmed up on one item first (model loading is
-reported separately as load_s); then the whole split is judged `--repeats` times, judges
-interleaved round-robin, and the median time is reported. No cache is used. The trained
-judges were fit on the dev split only, so the test figures are held out.
+ECE of P(refusal) = (score + 1) / 2, and seconds per item (`llm:MODEL` and `probe` can be
+added with --judges; they take ~1-2 s per item). Each judge is built and warmed up on one
+item first (model loading is reported separately as load_s); then the whole split is judged
+`--repeats` times, judges interleaved round-robin, and the median time is reported. No cache
+is used. The trained judges were fit on the dev split only, so the test figures are held out.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import time
 from pathlib import Path
 
 from refusalkit.judge.evaluate import auc, binary_metrics, read_labels
+from refusalkit.judge.recipe import ece
 from refusalkit.judge.spec import make_judge
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_JUDGES = "keyword:classic,keyword,llm:qwen2.5-coder-0.5b,hybrid,probe"
+DEFAULT_JUDGES = "keyword:classic,keyword:xstest,keyword,hybrid,calibrated"
 
 
 def main() -> None:
@@ -63,18 +65,20 @@ def main() -> None:
     for spec in specs:
         m = binary_metrics(gold, [j.is_refusal for j in preds[spec]])
         m.update(judge=spec, id=judges[spec].id, auc=auc(gold, [j.score for j in preds[spec]]),
+                 ece=ece([(j.score + 1) / 2 for j in preds[spec]], gold),
                  seconds_per_item=statistics.median(times[spec]), load_s=load_s[spec],
                  repeats=len(times[spec]))
         rows.append(m)
     n_ref = sum(gold)
     print(f"{args.labels} split={args.split}: n={len(items)} ({n_ref} refusal/partial, "
           f"{len(items) - n_ref} compliance)")
-    print(f"{'judge':<28} {'acc':>6} {'prec':>6} {'rec':>6} {'f1':>6} {'auc':>6} "
+    print(f"{'judge':<28} {'acc':>6} {'prec':>6} {'rec':>6} {'f1':>6} {'auc':>6} {'ece':>6} "
           f"{'s/item':>9} {'load s':>7}")
     for m in rows:
         a = "" if m["auc"] is None else f"{m['auc']:.3f}"
         print(f"{m['judge']:<28} {m['accuracy']:>6.3f} {m['precision']:>6.3f} "
-              f"{m['recall']:>6.3f} {m['f1']:>6.3f} {a:>6} {m['seconds_per_item']:>9.4f} "
+              f"{m['recall']:>6.3f} {m['f1']:>6.3f} {a:>6} {m['ece']:>6.3f} "
+              f"{m['seconds_per_item']:>9.4f} "
               f"{m['load_s']:>7.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

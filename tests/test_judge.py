@@ -254,7 +254,7 @@ def test_read_labels_and_metrics(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b", "label": "refusal"}\n'
                    '{"prompt": "a", "response": "b", "label": "maybe"}\n')
-    with pytest.raises(UserError, match=r"bad.jsonl:2: unknown label 'maybe'"):
+    with pytest.raises(UserError, match=r"bad.jsonl:2: field 'label' has unknown value 'maybe'"):
         read_labels(bad)
     m = binary_metrics([True, True, False, False], [True, False, True, False])
     assert m["accuracy"] == 0.5 and m["precision"] == 0.5 and m["recall"] == 0.5

@@ -58,7 +58,7 @@ def test_judge_eval_bad_inputs_one_line(tmp_path: Path, labels_file: Path) -> No
     res = run("judge-eval", "--judge", "keyword", "--labels", str(bad_label))
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0
-    assert "bad.jsonl:2" in res.stderr and "unknown label 'maybe'" in res.stderr
+    assert "bad.jsonl:2" in res.stderr and "unknown value 'maybe'" in res.stderr
     missing = write_rows(tmp_path / "missing.jsonl", [
         {"prompt": "a", "label": "refusal"}])
     res = run("judge-eval", "--judge", "keyword", "--labels", str(missing))
@@ -107,10 +107,39 @@ def test_hybrid_beats_keyword_on_held_out_split() -> None:
                   "--json")
         assert res.returncode == 0, res.stderr
         scores[spec] = json.loads(res.stdout)
-        assert scores[spec]["n"] == 195
+        assert scores[spec]["n"] == sum(json.loads(x)["split"] == "test"
+                                        for x in LABELS.read_text().splitlines())
     assert scores["hybrid"]["accuracy"] >= scores["keyword"]["accuracy"]
     assert scores["hybrid"]["recall"] > scores["keyword"]["recall"] + 0.1
     assert scores["hybrid"]["auc"] > scores["keyword"]["auc"] + 0.05
+
+
+def test_calibrated_judge_on_held_out_split_sees_evasive_styles() -> None:
+    """The default judge (fit on dev + XSTest only) on the project's test split, steered rows
+    included, against the keyword baseline: more accurate, better calibrated, catching far more
+    of the styles keywords cannot see (babble, topic redirection, official narrative), with
+    a style and an on-topic estimate for every answer. Measured figures: README."""
+    got = {}
+    for spec in ("keyword", "calibrated"):
+        res = run("judge-eval", "--judge", spec, "--labels", str(LABELS), "--split", "test",
+                  "--json")
+        assert res.returncode == 0, res.stderr
+        got[spec] = json.loads(res.stdout)
+    cal, kw = got["calibrated"], got["keyword"]
+    n_test = sum(json.loads(x)["split"] == "test" for x in LABELS.read_text().splitlines())
+    assert cal["n"] == kw["n"] == n_test
+    assert cal["accuracy"] > kw["accuracy"] + 0.05
+    assert cal["ece"] < kw["ece"] / 2
+    evasive = ("nonsensical", "topic_redirection", "official_narrative")
+
+    def caught(m: dict) -> float:
+        rows = [m["recall_by_style"][s] for s in evasive if s in m["recall_by_style"]]
+        return sum(r["recall"] * r["n"] for r in rows) / sum(r["n"] for r in rows)
+
+    assert caught(cal) > caught(kw) + 0.2
+    assert cal["style_macro_f1"] > kw["style_macro_f1"]
+    assert cal["on_topic_accuracy"] > 0.7 and kw["on_topic_accuracy"] is None
+    assert set(cal["by_model"]) >= {"qwen2.5-coder-0.5b", "smollm2-135m"}
 
 
 @pytest.mark.real
@@ -130,3 +159,26 @@ def test_judge_score_summary_on_real_model(tmp_path: Path) -> None:
     assert [len(r["samples"]) for r in rows] == [2, 2]
     for r in rows:
         assert r["c"] == pytest.approx(sum(s["weight"] * s["vote"] for s in r["samples"]))
+
+
+def test_judge_eval_leave_one_model_out(tmp_path: Path) -> None:
+    """--lomo trains the calibrated recipe without each model and tests on it (a 240-row
+    sample of XSTest's labelled answers here; the full run's figures are in the README)."""
+    from refusalkit.prompts import data_dirs
+
+    src = next(d / "xstest_judge_labels.jsonl" for d in data_dirs()
+               if (d / "xstest_judge_labels.jsonl").is_file())
+    rows = [json.loads(x) for x in src.read_text().splitlines()]
+    sample = [r for m in ("gpt4", "llama2orig", "mistralinstruct")
+              for r in [r for r in rows if r["model"] == m][::5][:80]]
+    labels = write_rows(tmp_path / "xs.jsonl", sample)
+    res = run("judge-eval", "--lomo", "--labels", str(labels), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out["folds"]) == {"gpt4", "llama2orig", "mistralinstruct"}
+    assert all(f["n"] == 80 for f in out["folds"].values())
+    # trained on 160 rows of two other models; measured 0.75-0.95 per fold
+    assert out["min_accuracy"] > 0.7
+    single = write_rows(tmp_path / "one.jsonl", [{**r, "model": "m"} for r in sample[:10]])
+    res = run("judge-eval", "--lomo", "--labels", str(single))
+    assert res.returncode == 2 and "at least two different 'model's" in res.stderr

@@ -109,3 +109,40 @@ def next_token_kl(
         base = last_logprobs(lm, prompts, batch_size=batch_size)
     steered = last_logprobs(lm, prompts, profile=profile, batch_size=batch_size)
     return kl_divergence(base, steered)
+
+
+def answer_logprobs(
+    lm: LoadedModel, prompts: Sequence[str], answers: Sequence[str], *,
+    max_answer_tokens: int = 96, batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """Per-token log-probs (float32) of each answer's first tokens given its chat-formatted
+    prompt, by teacher forcing: how fluent an answer is to an unsteered model (its perplexity
+    is exp(−mean)). Batches are right-padded; only answer positions are read."""
+    tok = lm.tokenizer
+    ids = []
+    for p, a in zip(prompts, answers, strict=True):
+        head = tok(lm.format(p), add_special_tokens=False)["input_ids"]
+        body = tok(a, add_special_tokens=False)["input_ids"][:max_answer_tokens]
+        ids.append((head, body))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for idx in length_sorted_batches([len(h) + len(b) for h, b in ids], batch_size):
+        width = max(len(ids[i][0]) + len(ids[i][1]) for i in idx)
+        x = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq = ids[i][0] + ids[i][1]
+            x[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        with torch.inference_mode():
+            # the decoder's states, then the output head only at answer positions: the head
+            # over every prompt position and the whole vocabulary would cost more than the
+            # rest of the forward (smollm2: 49k × 576 per position)
+            hidden = lm.model.get_decoder()(input_ids=x.to(lm.device),
+                                            attention_mask=mask.to(lm.device)).last_hidden_state
+            head = lm.model.get_output_embeddings()
+            for row, i in enumerate(idx):
+                h, b = len(ids[i][0]), len(ids[i][1])
+                lp = head(hidden[row, h - 1 : h + b - 1]).float().log_softmax(-1).cpu()
+                out[i] = lp[torch.arange(b), torch.tensor(ids[i][1], dtype=torch.long)]
+    return out

@@ -49,8 +49,8 @@ class DataConfig(ConfigModel):
 
 
 class JudgeConfig(ConfigModel):
-    spec: str = "hybrid"
-    """Judge spec (keyword, llm:MODEL, openai:URL#MODEL, hybrid…; see `refusalkit judge`)."""
+    spec: str = "calibrated"
+    """Judge spec (calibrated, keyword, llm:MODEL, openai:URL#MODEL…; see `refusalkit judge`)."""
     mode: Literal["greedy", "sample"] = "greedy"
     """greedy: judge one greedy answer; sample: paper A's K sampled answers, weighted."""
     k: int = Field(5, ge=1)

@@ -13,7 +13,9 @@ from refusalkit.errors import UserError
 if TYPE_CHECKING:
     from refusalkit.judge.cache import JudgementCache
 
-SPEC_HELP = "Judge spec: keyword, llm[:MODEL], openai:URL#MODEL, hybrid, probe, ensemble:A+B, …"
+SPEC_HELP = ("Judge spec: calibrated (default), keyword, llm[:MODEL], openai:URL#MODEL, hybrid, "
+             "probe, ensemble:A+B, loop:SPEC, …")
+DEFAULT_JUDGE = "calibrated"  # = refusalkit.judge.spec.DEFAULT_JUDGE (kept import-free here)
 
 
 def _read_responses(path: Path, response_field: str) -> list[dict]:
@@ -39,7 +41,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         input: Path = typer.Option(..., "--input", help="JSONL rows with prompt and response."),
         out: Path = typer.Option(..., "--out", help="JSONL to write (rows + judgement)."),
-        judge: str = typer.Option("hybrid", "--judge", help=SPEC_HELP),
+        judge: str = typer.Option(DEFAULT_JUDGE, "--judge", help=SPEC_HELP),
         response_field: str = typer.Option("response", "--response-field"),
         cache: Path | None = typer.Option(None, "--cache", help="Judgement cache (sqlite); "
                                           "default in the refusalkit cache folder."),
@@ -86,40 +88,45 @@ def register(app: typer.Typer) -> None:
     def judge_eval_cmd(
         ctx: typer.Context,
         labels: Path = typer.Option(..., "--labels", help="JSONL with prompt, response, label."),
-        judge: str = typer.Option("hybrid", "--judge", help=SPEC_HELP),
+        judge: str = typer.Option(DEFAULT_JUDGE, "--judge", help=SPEC_HELP),
         limit: int | None = typer.Option(None, "--limit", help="Use the first N rows."),
         split: str | None = typer.Option(None, "--split", help="Only rows with this split."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
         cache: Path | None = typer.Option(None, "--cache", help="Reuse/record judgements in "
                                           "this cache (timings then exclude cached items)."),
+        lomo: bool = typer.Option(False, "--lomo", help="Leave one model out: train the "
+                                  "calibrated judge's recipe without each model of --labels "
+                                  "and test on it (--judge is ignored)."),
+        train_extra: Path | None = typer.Option(None, "--train-extra", help="--lomo: more "
+                                                "training rows (their dev split if they have "
+                                                "one), e.g. tests/data/judge_labels.jsonl."),
     ) -> None:
-        """Agreement of a judge with human labels (partial counts as refusal)."""
-        from refusalkit.judge.cache import CachedJudge, JudgementCache
+        """Agreement of a judge with human labels (partial counts as refusal): accuracy, F1,
+        AUC, ECE and reliability, recall per style, style macro-F1, per source and model."""
         from refusalkit.judge.evaluate import evaluate, read_labels
-        from refusalkit.judge.spec import make_judge
 
         opts = options(ctx)
         items = read_labels(labels, split=split, limit=limit)
+        if lomo:
+            _lomo(items, train_extra, json_out or opts.json)
+            return
+        from refusalkit.judge.cache import CachedJudge, JudgementCache
+        from refusalkit.judge.spec import make_judge
+
         j = make_judge(judge)
         runner = CachedJudge(j, JudgementCache(cache)) if cache is not None else j
         metrics, _ = evaluate(runner, items)
         if json_out or opts.json:
             typer.echo(json.dumps(metrics))
             return
-        c = metrics["confusion"]
-        typer.echo(f"judge {metrics['judge']} on {metrics['n']} items"
-                   + (f" (split {split})" if split else ""))
-        typer.echo(f"accuracy {metrics['accuracy']:.3f}  precision {metrics['precision']:.3f}  "
-                   f"recall {metrics['recall']:.3f}  f1 {metrics['f1']:.3f}  "
-                   f"{metrics['seconds_per_item']:.3f} s/item")
-        typer.echo(f"confusion: tp {c['tp']}  fp {c['fp']}  fn {c['fn']}  tn {c['tn']}")
+        typer.echo(format_metrics(metrics, split))
 
     @app.command("judge-score")
     def judge_score_cmd(
         ctx: typer.Context,
         prompts: str = typer.Option(..., "--prompts", help="Prompt file or dataset name."),
         model: str = typer.Option("qwen2.5-coder-0.5b", "--model", help="Model under test."),
-        judge: str = typer.Option("hybrid", "--judge", help=SPEC_HELP),
+        judge: str = typer.Option(DEFAULT_JUDGE, "--judge", help=SPEC_HELP),
         k: int = typer.Option(5, "--k", help="Samples per prompt (paper A: 5)."),
         mode: str = typer.Option("sample", "--mode", help="sample (paper A) | greedy (cheap)"),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
@@ -160,3 +167,48 @@ def register(app: typer.Typer) -> None:
                        f"compliance {summary['compliance_pct']:.1f}%")
             for style, frac in summary["styles"].items():
                 typer.echo(f"  {style:<22} {100 * frac:5.1f}% of refusals")
+
+
+def _lomo(items: list, train_extra: Path | None, as_json: bool) -> None:
+    from refusalkit.judge.evaluate import read_labels
+    from refusalkit.judge.lomo import leave_one_model_out
+    from refusalkit.judge.train import V2_COMPONENTS
+
+    extra = []
+    if train_extra is not None:
+        rows = read_labels(train_extra)
+        extra = [i for i in rows if i.row.get("split", "dev") == "dev"]
+    result = leave_one_model_out(items, extra, V2_COMPONENTS)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"leave one model out ({len(extra)} extra training rows)")
+    for model, m in result["folds"].items():
+        typer.echo(f"  {model:<20} n {m['n']:4d}  accuracy {m['accuracy']:.3f}  f1 {m['f1']:.3f}"
+                   f"  auc {m['auc'] or float('nan'):.3f}  ece {m['ece']:.3f}")
+    typer.echo(f"lowest fold accuracy {result['min_accuracy']:.3f}")
+
+
+def format_metrics(m: dict, split: str | None) -> str:
+    """The human-readable judge-eval report (the JSON has everything)."""
+    c = m["confusion"]
+    lines = [f"judge {m['judge']} on {m['n']} items" + (f" (split {split})" if split else ""),
+             f"accuracy {m['accuracy']:.3f}  precision {m['precision']:.3f}  recall "
+             f"{m['recall']:.3f}  f1 {m['f1']:.3f}  auc {m['auc'] or float('nan'):.3f}  "
+             f"ece {m['ece']:.3f}  {m['seconds_per_item']:.3f} s/item",
+             f"confusion: tp {c['tp']}  fp {c['fp']}  fn {c['fn']}  tn {c['tn']}",
+             "reliability (bin: mean P(refusal) → observed refusal rate, n): " + ", ".join(
+                 f"{b['mean_p']:.2f}→{b['rate']:.2f} ({b['n']})" for b in m["reliability"])]
+    if m["recall_by_style"]:
+        lines.append("recall by gold style: " + ", ".join(
+            f"{k} {v['recall']:.2f} ({v['n']})" for k, v in m["recall_by_style"].items()))
+    if m["style_macro_f1"] is not None:
+        lines.append(f"style macro-F1 {m['style_macro_f1']:.3f} over {m['n_styled']} rows")
+    if m["on_topic_accuracy"] is not None:
+        lines.append(f"on-topic accuracy {m['on_topic_accuracy']:.3f}  auc "
+                     f"{m['on_topic_auc'] or float('nan'):.3f}")
+    for key in ("by_source", "by_model"):
+        if len(m[key]) > 1:
+            lines.append(key.replace("_", " ") + ": " + ", ".join(
+                f"{k} {v['accuracy']:.2f} ({v['n']})" for k, v in m[key].items()))
+    return "\n".join(lines)

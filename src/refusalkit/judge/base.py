@@ -22,11 +22,13 @@ UNPARSEABLE = "unparseable"  # style of a judgement whose label could not be rea
 
 @dataclass(frozen=True)
 class Judgement:
-    """label; score in [-1, 1] (+1 certain refusal, −1 certain compliance); style if known."""
+    """label; score in [-1, 1] (+1 certain refusal, −1 certain compliance); style if known;
+    on_topic = P(the answer addresses what was asked) where the judge estimates it."""
 
     label: Label
     score: float
     style: str | None = None
+    on_topic: float | None = None
 
     @property
     def is_refusal(self) -> bool:

@@ -22,7 +22,7 @@ from refusalkit.judge.base import Judge, Judgement, check_pairs
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS judgements (
     key TEXT PRIMARY KEY, judge TEXT NOT NULL, label TEXT NOT NULL, score REAL NOT NULL,
-    style TEXT, created REAL NOT NULL)"""
+    style TEXT, created REAL NOT NULL, on_topic REAL)"""
 
 
 def default_cache_path() -> Path:
@@ -60,6 +60,9 @@ class JudgementCache:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(SCHEMA)
+            cols = {row[1] for row in conn.execute("PRAGMA table_info(judgements)")}
+            if "on_topic" not in cols:  # caches written before judges estimated it
+                conn.execute("ALTER TABLE judgements ADD COLUMN on_topic REAL")
             conn.commit()
             self._local.conn = conn
         return conn
@@ -71,21 +74,23 @@ class JudgementCache:
             chunk = list(keys[start : start + 500])
             marks = ",".join("?" * len(chunk))
             rows = conn.execute(
-                f"SELECT key, label, score, style FROM judgements WHERE key IN ({marks})", chunk)
-            for key, label, score, style in rows:
-                found[key] = Judgement(label, score, style)
+                f"SELECT key, label, score, style, on_topic FROM judgements WHERE key IN "
+                f"({marks})", chunk)
+            for key, label, score, style, on_topic in rows:
+                found[key] = Judgement(label, score, style, on_topic)
         return found
 
     def put_many(self, judge_id: str, items: Sequence[tuple[str, Judgement]]) -> None:
         """Write a chunk in one transaction (all or nothing), retrying if the file is busy."""
         now = time.time()
-        rows = [(k, judge_id, j.label, j.score, j.style, now) for k, j in items]
+        rows = [(k, judge_id, j.label, j.score, j.style, now, j.on_topic) for k, j in items]
         conn = self._conn()
         for attempt in range(5):
             try:
                 with conn:
                     conn.executemany(
-                        "INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?, ?, ?)", rows)
+                        "INSERT OR REPLACE INTO judgements (key, judge, label, score, style, "
+                        "created, on_topic) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 return
             except sqlite3.OperationalError as exc:  # "database is locked" past the timeout
                 if "locked" not in str(exc) or attempt == 4:

@@ -36,9 +36,12 @@ class MiniLM:
             raise UserError(f"the embedding judge needs all-MiniLM-L6-v2: {INSTALL}") from None
         from transformers import AutoModel, AutoTokenizer
 
+        from refusalkit.models import quiet_loading
+
         path = str(pkg.get_model_path())
-        self._tok = AutoTokenizer.from_pretrained(path)
-        self._model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        with quiet_loading(True):  # no "Loading weights" bar in every judged run
+            self._tok = AutoTokenizer.from_pretrained(path)
+            self._model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         self._load()

@@ -1,13 +1,16 @@
 """Judge specs: one string names a judge everywhere (CLI, configs, caches, reports).
 
-    keyword                      the extended phrase list (keyword:classic = Arditi's 12)
+    keyword                      the extended phrase list (keyword:classic = Arditi's 12;
+                                 keyword:xstest = XSTest's 2023 opening-phrase match)
     llm[:MODEL]                  local label-token judge (packaged name, HF id or folder;
                                  default qwen2.5-coder-0.5b)
     openai:BASE_URL#MODEL[?key_env=VAR&max_tokens=N&concurrency=N&timeout=S&retries=N]
                                  any OpenAI-compatible chat endpoint; API key from $VAR
                                  (default OPENAI_API_KEY)
-    hybrid                       the packaged trained judge (patterns + sentence embedding);
-                                 fast (~0.05 s per item)
+    calibrated                   the default: a calibrated P(refusal), label, style and P(on
+                                 topic) from cues, sentence embeddings, question-answer
+                                 relevance and fluency under smollm2-135m (judge/calibrated.py)
+    hybrid                       the first trained judge (patterns + sentence embedding)
     probe                        a linear probe on qwen2.5-coder-0.5b's hidden state while it
                                  reads the pair; the most accurate local judge (~1 s per item)
     trained:NAME|PATH.json[@MODEL]  other weights; @MODEL supplies the LLM for "llm" features
@@ -24,15 +27,19 @@ from urllib.parse import parse_qsl
 
 from refusalkit.errors import UserError
 from refusalkit.judge.base import Judge, Judgement, check_pairs
-from refusalkit.judge.keyword import CLASSIC, KeywordJudge
+from refusalkit.judge.keyword import CLASSIC, XSTEST_OPENINGS, KeywordJudge
 from refusalkit.models import LoadedModel
 
 DEFAULT_LLM = "qwen2.5-coder-0.5b"
 HYBRID_WEIGHTS = "hybrid_v1"
 PROBE_WEIGHTS = "probe_qwen_v1"
-PACKAGED = {"hybrid": HYBRID_WEIGHTS, "probe": PROBE_WEIGHTS}  # short names of trained judges
-SPEC_HELP = ("keyword, keyword:classic, llm[:MODEL], openai:BASE_URL#MODEL, hybrid, probe, "
-             "trained:NAME[@MODEL], ensemble:SPEC+SPEC or loop:SPEC")
+CALIBRATED_WEIGHTS = "calibrated_v1"
+DEFAULT_JUDGE = "calibrated"  # the judge every command and config uses unless told otherwise
+PACKAGED = {"hybrid": HYBRID_WEIGHTS, "probe": PROBE_WEIGHTS,
+            "calibrated": CALIBRATED_WEIGHTS}  # short names of trained judges
+SPEC_HELP = ("calibrated, keyword, keyword:classic, keyword:xstest, llm[:MODEL], "
+             "openai:BASE_URL#MODEL, hybrid, probe, trained:NAME[@MODEL], ensemble:SPEC+SPEC or "
+             "loop:SPEC")
 
 
 @dataclass
@@ -85,6 +92,8 @@ def make_judge(spec: str, *, lm: LoadedModel | None = None,
                api_key_env: str | None = None) -> Judge:
     """Build the judge a spec names. `lm` reuses an already loaded model for llm judges
     (only when its name matches the spec's model)."""
+    from refusalkit.judge.calibrated import FORMAT as CALIBRATED_FORMAT
+    from refusalkit.judge.calibrated import CalibratedJudge
     from refusalkit.judge.llm import LLMJudge
     from refusalkit.judge.trained import TrainedJudge, load_weights, needs_llm
 
@@ -98,6 +107,8 @@ def make_judge(spec: str, *, lm: LoadedModel | None = None,
         return KeywordJudge()
     if spec == "keyword:classic":
         return KeywordJudge(CLASSIC)
+    if spec == "keyword:xstest":
+        return KeywordJudge(XSTEST_OPENINGS, opening=True)
     if kind == "llm":
         return llm_judge(rest or DEFAULT_LLM)
     if kind == "openai":
@@ -107,6 +118,8 @@ def make_judge(spec: str, *, lm: LoadedModel | None = None,
     if kind == "trained" and rest:
         name, _, model = rest.partition("@")
         weights = load_weights(name)
+        if weights.get("format") == CALIBRATED_FORMAT:
+            return CalibratedJudge(weights)
         model = model or weights.get("meta", {}).get("llm_model", DEFAULT_LLM)
         llm = LLMJudge(model, lm=lm if lm is not None and lm.name == model else None,
                        bias=0.0, styles=False) if needs_llm(weights["components"]) else None

@@ -6,6 +6,9 @@
         --components hidden@24 --llm qwen2.5-coder-0.5b --name probe_qwen_v1   # `probe`
     python -m refusalkit.judge.train --labels tests/data/judge_labels.jsonl \
         --calibrate-llm qwen2.5-coder-0.5b                    # the `llm:` judge's threshold
+    python -m refusalkit.judge.train --recipe v2 --labels tests/data/judge_labels.jsonl \
+        --extra-labels ../shared/datasets/xstest_judge_labels.jsonl \
+        --name calibrated_v1                                   # the default `calibrated` judge
 
 The L2 strength is chosen by stratified k-fold cross-validation on dev; the final model is fit
 on all of dev and written as JSON into the package (data/judge/NAME.json). Calibration picks
@@ -82,6 +85,32 @@ def train_trained(items: list[LabelledItem], components: list[str], name: str,
     return weights_record(name, components, mean, std, w, b, meta)
 
 
+# fluency (judge/fluency.py) sees babble but costs ~0.3 s per answer on 2 cores (smollm2 over
+# ~140 tokens), three times the judge's budget; head_embed added nothing held out (LOMO and
+# the project's test split, measured 2026-12-02). Both stay available as components.
+V2_COMPONENTS = ("cues", "embed", "relevance")
+
+
+def train_calibrated(items: list[LabelledItem], extra_labels: str | None, name: str,
+                     source: str) -> dict:
+    """The v2 recipe on dev rows plus every row of `extra_labels`."""
+    from refusalkit.judge.recipe import train_v2
+
+    extra = read_labels(extra_labels) if extra_labels else []
+    both = items + extra
+    x = featurize(V2_COMPONENTS, [i.prompt for i in both], [i.response for i in both])
+    rows = [{**i.row, "label": i.label} for i in both]
+    # calibrate on the labelled file's own rows: answers of the models the pipeline steers;
+    # XSTest's chat-model answers are calibrated differently (LOMO ECE in the README)
+    calibrate_on = [True] * len(items) + [False] * len(extra)
+    if extra_labels:
+        digest = hashlib.sha256(Path(extra_labels).read_bytes()).hexdigest()[:12]
+        source += f" + {Path(extra_labels).name}@{digest}"
+    return train_v2(x, rows, name, V2_COMPONENTS, {"trained_on": source,
+                                                   "calibrated_on": "labels (dev)"},
+                    calibrate_on=calibrate_on)
+
+
 def calibrate_llm(items: list[LabelledItem], model: str, version: str = "v1") -> dict:
     from refusalkit.judge.llm import LLMJudge
 
@@ -102,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--llm", default=None, help="LLM for the 'llm' component")
     ap.add_argument("--calibrate-llm", default=None, metavar="MODEL")
     ap.add_argument("--out-dir", default=None, help="default: the package's data/judge")
+    ap.add_argument("--recipe", default="v1", choices=("v1", "v2"),
+                    help="v2: the calibrated judge (judge/recipe.py)")
+    ap.add_argument("--extra-labels", default=None,
+                    help="v2: more training rows (all of them; e.g. XSTest's labelled answers)")
     args = ap.parse_args(argv)
     items = read_labels(args.labels, split=args.split)
     digest = hashlib.sha256(Path(args.labels).read_bytes()).hexdigest()[:12]
@@ -115,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         table[f"{args.calibrate_llm}@v1"] = {**entry, "trained_on": source}
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         print(f"{path}: {args.calibrate_llm} {entry}")
+        return
+    if args.recipe == "v2":
+        record = train_calibrated(items, args.extra_labels, args.name, source)
+        path = out_dir / f"{args.name}.json"
+        path.write_text(json.dumps(record) + "\n")
+        print(f"{path}: l2 {record['meta']['l2']} calibration {record['calibration']['kind']}")
         return
     components = [c.strip() for c in args.components.split(",") if c.strip()]
     record = train_trained(items, components, args.name, args.llm, source)

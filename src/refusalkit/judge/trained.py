@@ -2,8 +2,11 @@
 
 Components (chosen when training, recorded in the weights file):
 - "patterns": the hand-written cues of `refusalkit.judge.features` (phrases, structure, length);
+- "cues": those patterns plus `refusalkit.judge.cues` (opening cues, prompt-word overlap,
+  language match, assistant register, official narrative) — what sees evasive styles;
 - "embed": the all-MiniLM-L6-v2 sentence embedding of the response (what it *says*);
 - "prompt_embed": the embedding of the prompt (what was asked: some requests are rarely met);
+- "fluency": the answer's token log-probs under a small unsteered reference model (babble);
 - "relevance": cosine similarity of the prompt's and the response's embeddings (whole response
   and its first 200 characters) — deflection and topic drift answer something else;
 - "llm": the local LLM judge's label-token log-probs (log-softmax over refusal / partial /
@@ -31,11 +34,14 @@ import torch
 
 from refusalkit.errors import UserError
 from refusalkit.judge.base import Judgement, check_pairs
+from refusalkit.judge.cues import CUES, all_cues
 from refusalkit.judge.embed import MiniLM
 from refusalkit.judge.features import FEATURES, features, rule_style
+from refusalkit.judge.fluency import NAMES as FLUENCY_NAMES
 from refusalkit.models import strip_thinking
 
-COMPONENTS = ("patterns", "embed", "prompt_embed", "relevance", "llm", "hidden@L")
+COMPONENTS = ("patterns", "cues", "embed", "head_embed", "prompt_embed", "relevance", "fluency",
+              "llm", "hidden@L")
 
 
 def needs_llm(components: Sequence[str]) -> bool:
@@ -44,7 +50,7 @@ def needs_llm(components: Sequence[str]) -> bool:
 
 def featurize(
     components: Sequence[str], prompts: Sequence[str], responses: Sequence[str],
-    embedder: MiniLM | None = None, llm: Any = None,
+    embedder: MiniLM | None = None, llm: Any = None, fluency: Any = None,
 ) -> torch.Tensor:
     """Feature matrix [n, D] (float32) for the given components, in order.
 
@@ -72,8 +78,18 @@ def featurize(
         if comp == "patterns":
             rows = [features(t, p) for t, p in zip(texts, prompts, strict=True)]
             blocks.append(torch.tensor(rows, dtype=torch.float32))
+        elif comp == "fluency":
+            from refusalkit.judge.fluency import Fluency
+
+            fluency = fluency or Fluency()
+            blocks.append(fluency.features(prompts, texts))
+        elif comp == "cues":
+            rows = [all_cues(t, p) for t, p in zip(texts, prompts, strict=True)]
+            blocks.append(torch.tensor(rows, dtype=torch.float32))
         elif comp == "embed":
             blocks.append(encode("texts"))
+        elif comp == "head_embed":
+            blocks.append(encode("heads"))
         elif comp == "prompt_embed":
             blocks.append(encode("prompts"))
         elif comp == "relevance":
@@ -137,7 +153,7 @@ class TrainedJudge:
             raise UserError(f"judge weights '{w.get('name')}' need a local LLM judge model")
 
     def logits(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        if self.embedder is None and {"embed", "prompt_embed", "relevance"} & set(
+        if self.embedder is None and {"embed", "head_embed", "prompt_embed", "relevance"} & set(
                 self.components):
             self.embedder = MiniLM()
         x = featurize(self.components, prompts, responses, self.embedder, self.llm)
@@ -174,9 +190,11 @@ def weights_record(
     name: str, components: Sequence[str], mean: torch.Tensor, std: torch.Tensor,
     coef: torch.Tensor, intercept: float, meta: dict[str, Any],
 ) -> dict[str, Any]:
-    fixed = {"patterns": list(FEATURES), "embed": [f"embed{i}" for i in range(384)],
+    fixed = {"patterns": list(FEATURES), "cues": [*FEATURES, *CUES],
+             "embed": [f"embed{i}" for i in range(384)],
+             "head_embed": [f"head_embed{i}" for i in range(384)],
              "prompt_embed": [f"prompt_embed{i}" for i in range(384)],
-             "relevance": ["relevance", "relevance_head"],
+             "relevance": ["relevance", "relevance_head"], "fluency": list(FLUENCY_NAMES),
              "llm": ["llm_refusal", "llm_partial", "llm_compliance"]}
     hidden = [c for c in components if c.startswith("hidden@")]
     # a hidden-state block is as wide as the judge model; that width is what is left over
