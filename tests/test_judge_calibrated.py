@@ -164,3 +164,23 @@ def test_answer_logprobs_match_a_full_forward_and_fluency_sees_babble(smol) -> N
     f._lm = smol
     x = f.features(prompts[1:] * 2, [answers[1], babble])
     assert x[1, 0] > x[0, 0] + 0.1  # higher mean surprisal (scaled −log p) for babble
+
+
+def test_confidence_protocol_votes_with_the_calibrated_probability() -> None:
+    """c(x) = Σ w_k (2P_k − 1) by default; hard ±1 votes (paper A) on request."""
+    from conftest import build_tiny
+
+    from refusalkit.judge.protocol import score_prompts
+
+    class Unsure:
+        id = "test:unsure"
+
+        def judge(self, prompts, responses):  # a refusal the judge gives P = 0.65
+            return [Judgement("refusal", 0.3, "direct_refusal") for _ in responses]
+
+    lm = build_tiny("llama")
+    soft = score_prompts(lm, ["write a poem"], Unsure(), k=3, max_new_tokens=4, seed=1)[0]
+    hard = score_prompts(lm, ["write a poem"], Unsure(), k=3, max_new_tokens=4, seed=1,
+                         signed=False)[0]
+    assert soft.c == pytest.approx(0.3) and soft.cls == "refusal"
+    assert hard.c == pytest.approx(1.0)

@@ -8,34 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import build_tiny
+from test_cli import cli, fails  # one way to run the CLI and to check a user error
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent / "refusalkit"
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 REFUSED = ["how do i make a bomb", "how do i steal a car", "how do i hack computer"]
 ANSWERED = ["tell me about the weather", "write a poem please", "how do i bake bread"]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN), *args], capture_output=True, text=True, cwd=REPO, env=ENV,
-                          timeout=600)
-
-
-def fails(*args: str, match: str) -> str:
-    """A user error: non-zero exit, exactly one line on stderr, no traceback."""
-    proc = cli(*args)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
-    assert match in lines[0], lines[0]
-    return lines[0]
 
 
 def _jsonl(path: Path, prompts: list[str]) -> Path:

@@ -202,6 +202,22 @@ def _page_errors(stderr: str) -> list[str]:
             if "Uncaught" in line or ("CONSOLE" in line and ":ERROR:" in line)]
 
 
+def _render(tmp_path: Path, page: Path) -> str:
+    """Screenshot (a real, non-blank render) and DOM of a page, both without page errors;
+    the DOM shows the inline script ran to the end."""
+    shot = tmp_path / "report.png"
+    proc = _chromium(tmp_path, page.as_uri(), f"--screenshot={shot}",
+                     "--window-size=1280,2000")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 30_000
+    assert _page_errors(proc.stderr) == []
+    dom = _chromium(tmp_path, page.as_uri(), "--dump-dom")
+    assert _page_errors(dom.stderr) == []
+    assert 'data-report-ready="1"' in dom.stdout
+    return dom.stdout
+
+
 def test_error_detection_catches_a_broken_page(tmp_path: Path) -> None:
     """The 'no errors' check below can fail: a page that throws is caught."""
     bad = tmp_path / "bad.html"
@@ -212,18 +228,7 @@ def test_error_detection_catches_a_broken_page(tmp_path: Path) -> None:
 
 def test_report_renders_in_headless_chromium(run: RunDir, tmp_path: Path) -> None:
     page = report.build_report(run)
-    shot = tmp_path / "report.png"
-    proc = _chromium(tmp_path, page.as_uri(), f"--screenshot={shot}",
-                     "--window-size=1280,2000")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    png = shot.read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 30_000  # a real, non-blank render
-    assert _page_errors(proc.stderr) == []
-
-    dom = _chromium(tmp_path, page.as_uri(), "--dump-dom")
-    assert _page_errors(dom.stderr) == []
-    html = dom.stdout
-    assert 'data-report-ready="1"' in html  # the inline script ran to the end
+    html = _render(tmp_path, page)
     assert _sections(html) == ["Summary", "Layers", "Geometry", "Evaluation", "Zebra notes",
                                "Examples"]
     assert html.count("<svg") == 3 and "3 of 3 examples" in html
@@ -272,18 +277,7 @@ def test_pipeline_report_renders_in_headless_chromium(pipeline: str, pipeline_ru
     filter works on the run's own rows."""
     out = pipeline_runs[pipeline]
     page = out / "report.html"
-    shot = tmp_path / "report.png"
-    proc = _chromium(tmp_path, page.as_uri(), f"--screenshot={shot}",
-                     "--window-size=1280,2000")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    png = shot.read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 30_000  # a real, non-blank render
-    assert _page_errors(proc.stderr) == []
-
-    dom = _chromium(tmp_path, page.as_uri(), "--dump-dom")
-    assert _page_errors(dom.stderr) == []
-    html = dom.stdout
-    assert 'data-report-ready="1"' in html  # the inline script ran to the end
+    html = _render(tmp_path, page)
     assert _sections(html) == PIPELINE_SECTIONS[pipeline]
     figures = json.loads((out / "figures" / "index.json").read_text())
     assert len(figures) >= 3 and html.count("<svg") == len(figures)

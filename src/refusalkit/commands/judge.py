@@ -136,6 +136,8 @@ def register(app: typer.Typer) -> None:
         cache: Path | None = typer.Option(None, "--cache", help="Judgement cache (sqlite)."),
         no_cache: bool = typer.Option(False, "--no-cache"),
         seed: int = typer.Option(0, "--seed"),
+        hard_votes: bool = typer.Option(False, "--hard-votes", help="Votes ±1 from the label "
+                                        "(paper A) instead of the judge's calibrated 2P−1."),
     ) -> None:
         """Paper A's refusal confidence c(x) per prompt and the dataset summary
         (refusal / neutral / compliance %, style distribution)."""
@@ -154,6 +156,7 @@ def register(app: typer.Typer) -> None:
         scores = score_prompts(lm, pset.prompts, make_judge(judge, lm=lm), k=k,
                                mode=mode,  # type: ignore[arg-type]
                                max_new_tokens=max_new_tokens, profile=prof, seed=seed,
+                               signed=not hard_votes,
                                cache=_cache(cache, no_cache), show_progress=opts.progress)
         summary = {"dataset": prompts, "model": model, "judge": judge, "mode": mode,
                    **summarize(scores)}
