@@ -114,6 +114,12 @@ class Variants:
         return out
 
     def repeng(self) -> torch.Tensor:
+        import numpy as np
+
+        # repeng 0.4.0 (the newest on the registry) still uses np.float_, which numpy 2
+        # removed: restore the alias (same dtype) so a clean `make bench` can import it
+        if not hasattr(np, "float_"):
+            np.float_ = np.float64
         from repeng.extract import batched_get_hiddens
 
         blocks = [layer - 1 for layer in self.layers]
