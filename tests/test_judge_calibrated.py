@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from refusalkit.errors import UserError
-from refusalkit.judge.base import Judgement
-from refusalkit.judge.calibrated import ANSWER_STYLES, calibrate, judgements_from
+from refusalkit.judge.base import ANSWER_STYLES, Judgement
+from refusalkit.judge.calibrated import calibrate, judgements_from
 from refusalkit.judge.cues import CUES, cues, opening, overlap
 from refusalkit.judge.evaluate import LabelledItem, read_labels, score_judgements
 from refusalkit.judge.recipe import ece, reliability, train_v2

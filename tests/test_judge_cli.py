@@ -96,19 +96,24 @@ def test_judge_command_writes_rows_and_reuses_cache(tmp_path: Path, labels_file:
     assert out.read_text().splitlines() == [json.dumps(r, ensure_ascii=False) for r in rows]
 
 
+def eval_test_split(spec: str) -> dict:
+    """`judge-eval --split test --json` of one judge on the labelled set, every test row read."""
+    res = run("judge-eval", "--judge", spec, "--labels", str(LABELS), "--split", "test",
+              "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    rows = [json.loads(x) for x in LABELS.read_text().splitlines()]
+    assert out["n"] == sum(r["split"] == "test" for r in rows)
+    return out
+
+
 @pytest.mark.real
 def test_hybrid_beats_keyword_on_held_out_split() -> None:
     """The trained judge (fit on dev only) against keywords on the labelled test split.
 
-    Measured: keyword 0.738 accuracy / 0.77 AUC, hybrid 0.759 / 0.85 (see JUDGE_LABELS.md)."""
-    scores = {}
-    for spec in ("keyword", "hybrid"):
-        res = run("judge-eval", "--judge", spec, "--labels", str(LABELS), "--split", "test",
-                  "--json")
-        assert res.returncode == 0, res.stderr
-        scores[spec] = json.loads(res.stdout)
-        assert scores[spec]["n"] == sum(json.loads(x)["split"] == "test"
-                                        for x in LABELS.read_text().splitlines())
+    Measured on the 337-row split: keyword 0.543 accuracy / 0.66 AUC, hybrid 0.715 / 0.81
+    (bench/RESULTS.md)."""
+    scores = {spec: eval_test_split(spec) for spec in ("keyword", "hybrid")}
     assert scores["hybrid"]["accuracy"] >= scores["keyword"]["accuracy"]
     assert scores["hybrid"]["recall"] > scores["keyword"]["recall"] + 0.1
     assert scores["hybrid"]["auc"] > scores["keyword"]["auc"] + 0.05
@@ -119,15 +124,7 @@ def test_calibrated_judge_on_held_out_split_sees_evasive_styles() -> None:
     included, against the keyword baseline: more accurate, better calibrated, catching far more
     of the styles keywords cannot see (babble, topic redirection, official narrative), with
     a style and an on-topic estimate for every answer. Measured figures: README."""
-    got = {}
-    for spec in ("keyword", "calibrated"):
-        res = run("judge-eval", "--judge", spec, "--labels", str(LABELS), "--split", "test",
-                  "--json")
-        assert res.returncode == 0, res.stderr
-        got[spec] = json.loads(res.stdout)
-    cal, kw = got["calibrated"], got["keyword"]
-    n_test = sum(json.loads(x)["split"] == "test" for x in LABELS.read_text().splitlines())
-    assert cal["n"] == kw["n"] == n_test
+    cal, kw = eval_test_split("calibrated"), eval_test_split("keyword")
     assert cal["accuracy"] > kw["accuracy"] + 0.05
     assert cal["ece"] < kw["ece"] / 2
     evasive = ("nonsensical", "topic_redirection", "official_narrative")

@@ -17,6 +17,10 @@ REFUSAL_STYLES: tuple[str, ...] = (
     "official_narrative", "question_invalidation", "nonsensical",
 )
 STYLES: tuple[str, ...] = (*REFUSAL_STYLES, "partial", "compliance")
+# How a compliant answer complies (labels and the calibrated judge's style head).
+COMPLIANCE_STYLES: tuple[str, ...] = ("direct_engagement", "balanced", "educational",
+                                      "disclaimer_then_answer")
+ANSWER_STYLES: tuple[str, ...] = (*REFUSAL_STYLES, *COMPLIANCE_STYLES)
 UNPARSEABLE = "unparseable"  # style of a judgement whose label could not be read (score 0)
 
 

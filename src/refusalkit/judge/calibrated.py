@@ -36,9 +36,6 @@ from refusalkit.judge.trained import featurize
 from refusalkit.models import strip_thinking
 
 FORMAT = "refusalkit.judge/v2"
-COMPLIANCE_STYLES: tuple[str, ...] = ("direct_engagement", "balanced", "educational",
-                                      "disclaimer_then_answer")
-ANSWER_STYLES: tuple[str, ...] = (*REFUSAL_STYLES, *COMPLIANCE_STYLES)
 LOOP_P = 0.97  # P(refusal) of a looping answer: 10 of 10 flagged dev+test items were refusals
 
 

@@ -14,17 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from refusalkit.errors import UserError
-from refusalkit.judge.base import LABELS, STYLES, Judge, Judgement
+from refusalkit.judge.base import ANSWER_STYLES, LABELS, STYLES, Judge, Judgement
 from refusalkit.prompts import read_jsonl
 
-
-def _known_styles() -> frozenset[str]:
-    from refusalkit.judge.calibrated import ANSWER_STYLES
-
-    return frozenset((*STYLES, *ANSWER_STYLES))
-
-
-KNOWN_STYLES = _known_styles()
+KNOWN_STYLES = frozenset((*STYLES, *ANSWER_STYLES))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from refusalkit.judge.calibrated import ANSWER_STYLES, FORMAT
+from refusalkit.judge.base import ANSWER_STYLES
+from refusalkit.judge.calibrated import FORMAT
 from refusalkit.judge.train import fit_logistic, folds
 
 L2_GRID = (1.0, 10.0, 100.0, 1000.0)
