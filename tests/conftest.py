@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from refusalkit.judge import Judgement
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 os.environ.setdefault("REFUSALKIT_DATA", str(SHARED))
@@ -80,6 +82,25 @@ def build_tiny(family: str = "llama", seed: int = 0):
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
     return from_pretrained_objects(model, tok, name=f"tiny-{family}")
+
+
+class PlantedWord:
+    """Judge for the tiny random model, which refuses nothing: an answer that contains the
+    planted word is a "refusal". The word judges the *response*, so steering changes the rates.
+
+    "steal" is a word of the tiny vocabulary that the unsteered tiny llama (seed 0) emits in its
+    4-token greedy answers to 5 of 12 topic fitting prompts, 3 of 8 held-out topic prompts and
+    5 of 8 safety prompts, and that adding / subtracting the fitted direction makes appear /
+    disappear (measured: held-out topic refusal 0.375 → 1.0 inducing, → 0.0 removing). It
+    also opens many answers to harmful prompts, so the tiny abliterate runs judge with it too.
+    (Real-model tests judge real answers.)"""
+
+    id = "test:planted-word"
+    word = "steal"
+
+    def judge(self, prompts, responses):
+        return [Judgement("refusal", 1.0, "direct_refusal") if self.word in r.split()
+                else Judgement("compliance", -1.0, "compliance") for r in responses]
 
 
 @pytest.fixture

@@ -245,9 +245,9 @@ def test_report_renders_in_headless_chromium(run: RunDir, tmp_path: Path) -> Non
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny-model steer and analyze runs, made as test_steer / test_analyze make them."""
-    from conftest import build_tiny
+    from conftest import PlantedWord, build_tiny
     from test_analyze import _tiny_config
-    from test_steer import PlantedWord, tiny_cfg
+    from test_steer import tiny_cfg
 
     from refusalkit.analyze import analyze
     from refusalkit.steer import run_steer

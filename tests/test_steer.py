@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny
+from conftest import PlantedWord, build_tiny
 
 from refusalkit.errors import UserError
 from refusalkit.interventions import load_profile
-from refusalkit.judge import Judgement, JudgementCache
+from refusalkit.judge import JudgementCache
 from refusalkit.prompts import load_prompts
 from refusalkit.steer import run_steer, split_data
 from refusalkit.steer_config import SteerConfig
@@ -21,24 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_cfg(**over) -> SteerConfig:
     return SteerConfig.load(REPO / "configs" / "tiny_steer.toml",
                             {"search.trials": 3, "judge.max_new_tokens": 4, **over})
-
-
-class PlantedWord:
-    """Judge for the tiny random model, which refuses nothing: an answer that contains the
-    planted word is a "refusal". The word judges the *response*, so steering changes the rates.
-
-    "steal" is a word of the tiny vocabulary that the unsteered tiny llama (seed 0) emits in its
-    4-token greedy answers to 5 of 12 topic fitting prompts, 3 of 8 held-out topic prompts and
-    5 of 8 safety prompts, and that adding / subtracting the fitted direction makes appear /
-    disappear (measured: held-out topic refusal 0.375 → 1.0 inducing, → 0.0 removing). (The
-    real-model tests below judge real answers.)"""
-
-    id = "test:planted-word"
-    word = "steal"
-
-    def judge(self, prompts, responses):
-        return [Judgement("refusal", 1.0, "direct_refusal") if self.word in r.split()
-                else Judgement("compliance", -1.0, "compliance") for r in responses]
 
 
 def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) -> None:

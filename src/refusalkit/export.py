@@ -92,17 +92,27 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 def export_abliterated(lm: LoadedModel, profile: Profile, out: str | Path,
                        *, overwrite: bool = False) -> Path:
-    """Fold the profile's ablation into `lm`'s weights (in place!) and save a HF checkpoint.
-
-    The folder is written next to `out` and renamed over it at the end, so an interrupted
-    export never leaves a half-written checkpoint.
-    """
-    from safetensors.torch import save_model
-
+    """Fold the profile's ablation into `lm`'s weights (in place!) and save a HF checkpoint."""
     direction = ablation_direction(lm, profile)
     out = Path(out)
     _prepare_out_dir(out, overwrite)
     orthogonalize(lm, direction.to(lm.device))
+    stamp = {"format": "refusalkit.abliterated/v1", "source_model": model_record(lm),
+             "direction_sha256": hashlib.sha256(
+                 direction.numpy().astype("<f4").tobytes()).hexdigest(),
+             "profile": {k: v for k, v in profile.meta.items() if k != "model"}}
+    return write_checkpoint(lm, out, stamp)
+
+
+def write_checkpoint(lm: LoadedModel, out: str | Path, stamp: dict[str, Any],
+                     files: dict[str, str] | None = None) -> Path:
+    """Save `lm` as it is now as a plain Hugging Face folder (config, generation config,
+    model.safetensors, tokenizer), with `stamp` as refusalkit-export.json and any extra text
+    `files` (e.g. a model card). The folder is written next to `out` and renamed over it at
+    the end, so an interrupted export never leaves a half-written checkpoint."""
+    from safetensors.torch import save_model
+
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -116,12 +126,10 @@ def export_abliterated(lm: LoadedModel, profile: Profile, out: str | Path,
         save_model(lm.model, str(tmp / "model.safetensors"))
         umask_mode(tmp / "model.safetensors")
         lm.tokenizer.save_pretrained(tmp)
-        stamp = {"format": "refusalkit.abliterated/v1", "source_model": model_record(lm),
-                 "direction_sha256": hashlib.sha256(
-                     direction.numpy().astype("<f4").tobytes()).hexdigest(),
-                 "profile": {k: v for k, v in profile.meta.items() if k != "model"}}
         (tmp / EXPORT_STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True,
                                                    default=str) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

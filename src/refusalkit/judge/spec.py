@@ -1,7 +1,8 @@
 """Judge specs: one string names a judge everywhere (CLI, configs, caches, reports).
 
     keyword                      the extended phrase list (keyword:classic = Arditi's 12;
-                                 keyword:xstest = XSTest's 2023 opening-phrase match)
+                                 keyword:xstest = XSTest's 2023 opening-phrase match;
+                                 keyword:heretic = Heretic 1.4's markers)
     llm[:MODEL]                  local label-token judge (packaged name, HF id or folder;
                                  default qwen2.5-coder-0.5b)
     openai:BASE_URL#MODEL[?key_env=VAR&max_tokens=N&concurrency=N&timeout=S&retries=N]
@@ -27,7 +28,7 @@ from urllib.parse import parse_qsl
 
 from refusalkit.errors import UserError
 from refusalkit.judge.base import Judge, Judgement, check_pairs
-from refusalkit.judge.keyword import CLASSIC, XSTEST_OPENINGS, KeywordJudge
+from refusalkit.judge.keyword import CLASSIC, HERETIC_MARKERS, XSTEST_OPENINGS, KeywordJudge
 from refusalkit.models import LoadedModel
 
 DEFAULT_LLM = "qwen2.5-coder-0.5b"
@@ -37,7 +38,8 @@ CALIBRATED_WEIGHTS = "calibrated_v1"
 DEFAULT_JUDGE = "calibrated"  # the judge every command and config uses unless told otherwise
 PACKAGED = {"hybrid": HYBRID_WEIGHTS, "probe": PROBE_WEIGHTS,
             "calibrated": CALIBRATED_WEIGHTS}  # short names of trained judges
-SPEC_HELP = ("calibrated, keyword, keyword:classic, keyword:xstest, llm[:MODEL], "
+SPEC_HELP = ("calibrated, keyword, keyword:classic, keyword:xstest, keyword:heretic, "
+             "llm[:MODEL], "
              "openai:BASE_URL#MODEL, hybrid, probe, trained:NAME[@MODEL], ensemble:SPEC+SPEC or "
              "loop:SPEC")
 
@@ -107,6 +109,8 @@ def make_judge(spec: str, *, lm: LoadedModel | None = None,
         return KeywordJudge()
     if spec == "keyword:classic":
         return KeywordJudge(CLASSIC)
+    if spec == "keyword:heretic":
+        return KeywordJudge(HERETIC_MARKERS, heretic=True)
     if spec == "keyword:xstest":
         return KeywordJudge(XSTEST_OPENINGS, opening=True)
     if kind == "llm":

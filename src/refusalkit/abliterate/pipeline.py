@@ -1,0 +1,252 @@
+"""`refusalkit abliterate`: a copy of a model that stops refusing, with as little damage as
+the search can find (Heretic's job, judged by a judge that sees babble).
+
+Stages (each stored in the run folder, so an interrupted run resumes where it stopped):
+1. `data` — seeded, disjoint prompt lists: fit, dev (search) and held-out (eval) sets;
+2. `directions` — per-layer difference of means, harmful minus harmless, at the last prompt
+   token, and how well each layer's direction separates the two (AUC);
+3. `baseline` — the unsteered model judged on the dev harmful prompts;
+4. `search` — the Optuna study over ablation kernels (resumable per trial);
+5. `heldout-N` — the Pareto front (and the unsteered model) re-measured on held-out prompts,
+   judged by the default judge and the comparison judges: what the report states;
+Then the chosen trial (`choice.json`: flag, interactive pick, or the dev rule), the checkpoint
+with its model card, the reproduce file, metrics and the report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusalkit.abliterate.config import AbliterateConfig
+from refusalkit.abliterate.search import (
+    choose,
+    components,
+    pareto_front,
+    run_search,
+    score_kernel,
+    seed_params,
+    trial_records,
+)
+from refusalkit.activations import capture
+from refusalkit.artifacts import dataset_record, model_record
+from refusalkit.directions import mean_difference, per_layer
+from refusalkit.errors import UserError
+from refusalkit.evaluate import judge_prompts
+from refusalkit.judge import JudgementCache, make_judge
+from refusalkit.judge.protocol import classify
+from refusalkit.kernels import Kernel, kernel_hooks
+from refusalkit.models import LoadedModel, load_model
+from refusalkit.prompts import load_prompts
+from refusalkit.runs import RunDir, check_run_folder, run_manifest
+from refusalkit.scoring import kl_divergence, last_logprobs
+from refusalkit.selection import auc
+
+Chooser = Callable[[list[dict[str, Any]], dict[str, Any]], int | None]
+
+
+@dataclass(frozen=True)
+class Splits:
+    harmful_fit: list[str]
+    harmless_fit: list[str]
+    harmful_search: list[str]
+    harmless_search: list[str]
+    harmful_eval: list[str]
+    harmless_eval: list[str]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dataset_record(k, v) for k, v in vars(self).items()]
+
+
+def split_data(cfg: AbliterateConfig) -> Splits:
+    """Seeded prompt lists; a set drawn from the same source as another reads past its rows,
+    so fit, dev and held-out prompts never overlap."""
+    d, seed = cfg.data, cfg.seed
+    taken: dict[str, int] = {}
+
+    def take(spec: str, n: int) -> list[str]:
+        offset = taken.get(spec, 0)
+        taken[spec] = offset + n
+        return load_prompts(spec).take(n, seed=seed, offset=offset).prompts
+
+    return Splits(take(d.harmful_fit, d.n_fit), take(d.harmless_fit, d.n_fit),
+                  take(d.harmful_search, d.n_search), take(d.harmless_search, d.n_search_kl),
+                  take(d.harmful_eval, d.n_eval), take(d.harmless_eval, d.n_eval_kl))
+
+
+def fit_directions(lm: LoadedModel, splits: Splits, batch_size: int,
+                   show_progress: bool) -> dict[str, torch.Tensor]:
+    """Per-layer refusal directions (resid_pre of each layer, last prompt token) and AUCs."""
+    layers = list(range(lm.n_layers))
+    pos = capture(lm, splits.harmful_fit, layers, (-1,), batch_size=batch_size,
+                  show_progress=show_progress)[:, :, 0]
+    neg = capture(lm, splits.harmless_fit, layers, (-1,), batch_size=batch_size,
+                  show_progress=show_progress)[:, :, 0]
+    directions = per_layer(mean_difference, pos, neg)
+    aucs = torch.tensor([auc(pos[:, i] @ directions[i], neg[:, i] @ directions[i])
+                         for i in layers], dtype=torch.float64)
+    return {"directions": directions, "auc": aucs}
+
+
+def best_layers(aucs: Sequence[float], cfg: AbliterateConfig, n_layers: int,
+                k: int = 2) -> list[int]:
+    """The k layers in the direction range whose directions separate best (deeper on ties)."""
+    lo, hi = cfg.search.direction_range
+    last = n_layers - 1
+    allowed = [i for i in range(n_layers) if lo * last <= i <= hi * last] or list(range(n_layers))
+    return sorted(allowed, key=lambda i: (-round(float(aucs[i]), 6), -i))[:k]
+
+
+def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = False,
+                   lm: LoadedModel | None = None, trial: int | None = None,
+                   chooser: Chooser | None = None, gguf: bool = False,
+                   show_progress: bool = True, on_trial: Callable[..., None] | None = None
+                   ) -> Path:
+    """Search, choose, and write the abliterated checkpoint into run folder `out`."""
+    from refusalkit.abliterate.output import finish
+
+    splits = split_data(cfg)
+    check_run_folder(out, resume)  # before the slow model load
+    judge = make_judge(cfg.judge.spec)
+    compare = {spec: make_judge(spec) for spec in cfg.judge.compare if spec != cfg.judge.spec}
+    lm = lm or load_model(cfg.model, reasoning=cfg.reasoning)
+    manifest = run_manifest("abliterate", cfg.model_dump(mode="json"), model=model_record(lm),
+                            datasets=splits.records(), seeds={"seed": cfg.seed})
+    with RunDir(out, manifest, resume=resume) as run:
+        cache = JudgementCache(run.file("judgements.sqlite"))
+        fit = run.tensor_stage("directions", lambda: fit_directions(
+            lm, splits, cfg.batch_size, show_progress))
+        directions = fit["directions"]
+        jk = {"max_new_tokens": cfg.judge.max_new_tokens, "cache": cache,
+              "batch_size": cfg.batch_size}
+
+        def judged_rows(prompts: list[str], kernel: Kernel | None) -> list[dict[str, Any]]:
+            if kernel is None:
+                js = judge_prompts(lm, prompts, judge, **jk)  # type: ignore[arg-type]
+            else:
+                with kernel_hooks(lm, kernel, directions):
+                    js = judge_prompts(lm, prompts, judge, **jk)  # type: ignore[arg-type]
+            return [{"prompt": j.prompt, "response": j.response, "confidence": j.confidence,
+                     "style": j.style} for j in js]
+
+        base = run.stage("baseline", lambda: judged_rows(splits.harmful_search, None))
+        if not any(classify(r["confidence"]) == "refusal" for r in base):
+            raise UserError(
+                f"'{lm.name}' refuses none of the {len(base)} dev harmful prompts "
+                f"({cfg.data.harmful_search}) by judge {cfg.judge.spec}; there is no refusal "
+                "to remove — check the model, the prompts or the judge")
+        search_base = last_logprobs(lm, splits.harmless_search, batch_size=cfg.batch_size)
+
+        def evaluate(kernel: Kernel) -> Any:
+            return score_kernel(lm, kernel, directions, harmful=splits.harmful_search,
+                                harmless=splits.harmless_search, harmless_base=search_base,
+                                judge=judge, cache=cache, max_new_tokens=cfg.judge.max_new_tokens,
+                                batch_size=cfg.batch_size, kl_prune=cfg.search.kl_prune)
+
+        seeds = seed_params(best_layers(fit["auc"].tolist(), cfg, lm.n_layers), cfg.search,
+                            lm.n_layers, components(lm)) if cfg.search.seeds else []
+        study = run_search(lm, directions, cfg.search, trials=cfg.search.trials,
+                           storage=run.file("study.sqlite"), seed=cfg.seed, seeds=seeds,
+                           evaluate=evaluate, on_trial=on_trial)
+        records = run.stage("search", lambda: trial_records(study))
+        front = pareto_front(records)
+        if not front:
+            raise UserError(f"every one of the {len(records)} trials was pruned (KL above "
+                            f"search.kl_prune = {cfg.search.kl_prune}); raise it or search "
+                            "gentler kernels (search.max_weight)")
+        auto, within = choose(front, cfg.kl_max)
+        measure = make_measure(lm, cfg, splits, judged_rows, directions, compare)
+        heldout = _heldout(run, cfg, front, auto, measure)
+        picked = _pick(front, auto, within, trial, chooser, heldout, records,
+                       run.file("choice.json"))
+        run.write_json("choice.json", picked)
+        if str(picked["number"]) not in heldout:  # picked by hand off the measured set
+            rec = next(r for r in records if r["number"] == picked["number"])
+            heldout[str(picked["number"])] = heldout_stage(run, measure, rec)
+        return finish(run, lm, cfg, splits, fit, records, front, heldout, picked, base,
+                      gguf=gguf)
+
+
+def make_measure(lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,
+                 judged_rows: Callable[[list[str], Kernel | None], list[dict[str, Any]]],
+                 directions: torch.Tensor, compare: dict[str, Any]
+                 ) -> Callable[[Kernel | None], dict[str, Any]]:
+    """Held-out figures of a kernel (None: the unsteered model): refusals on the held-out
+    harmful prompts by every judge (one generation, judged several ways) and KL on the
+    held-out ordinary prompts."""
+    base_logp: list[torch.Tensor] = []
+
+    def measure(kernel: Kernel | None) -> dict[str, Any]:
+        rows = judged_rows(splits.harmful_eval, kernel)
+        prompts = [r["prompt"] for r in rows]
+        responses = [r["response"] for r in rows]
+        refusals = {cfg.judge.spec: sum(classify(r["confidence"]) == "refusal" for r in rows)}
+        for spec, j in compare.items():
+            refusals[spec] = sum(x.is_refusal for x in j.judge(prompts, responses))
+        kl = 0.0
+        if kernel is not None:
+            if not base_logp:
+                base_logp.append(last_logprobs(lm, splits.harmless_eval,
+                                               batch_size=cfg.batch_size))
+            with kernel_hooks(lm, kernel, directions):
+                logp = last_logprobs(lm, splits.harmless_eval, batch_size=cfg.batch_size)
+            kl = float(kl_divergence(base_logp[0], logp).mean())
+        return {"refusals": refusals, "n": len(rows), "kl": kl, "answers": rows}
+
+    return measure
+
+
+def heldout_stage(run: RunDir, measure: Callable[[Kernel | None], dict[str, Any]],
+                  rec: dict[str, Any] | None) -> dict[str, Any]:
+    if rec is None:
+        return run.stage("heldout-unsteered", lambda: measure(None))
+    kernel = Kernel.from_json(rec["kernel"])
+    return run.stage(f"heldout-{rec['number']}", lambda: measure(kernel))
+
+
+def _heldout(run: RunDir, cfg: AbliterateConfig, front: list[dict[str, Any]],
+             auto: dict[str, Any], measure: Callable[[Kernel | None], dict[str, Any]]
+             ) -> dict[str, Any]:
+    """The unsteered model and the front's trials within 2 × kl_max (at most eval_front of
+    them, spread over the front; the automatic choice always included), held out."""
+    near = [r for r in front if r["kl"] <= 2 * cfg.kl_max] or front[:1]
+    picks = _spread(near, cfg.eval_front)
+    if auto not in picks:
+        picks = [*picks[: cfg.eval_front - 1], auto]
+    out = {"unsteered": heldout_stage(run, measure, None)}
+    for rec in sorted(picks, key=lambda r: r["number"]):
+        out[str(rec["number"])] = heldout_stage(run, measure, rec)
+    return out
+
+
+def _spread(items: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    if len(items) <= n:
+        return list(items)
+    idx = sorted({round(i * (len(items) - 1) / max(1, n - 1)) for i in range(n)})
+    return [items[i] for i in idx]
+
+
+def _pick(front: list[dict[str, Any]], auto: dict[str, Any], within: bool, trial: int | None,
+          chooser: Chooser | None, heldout: dict[str, Any],
+          records: list[dict[str, Any]], previous: Path) -> dict[str, Any]:
+    """--trial wins; on resume an earlier pick stands; else the interactive chooser, else the
+    rule (fewest dev refusals within the KL budget)."""
+    if trial is None and previous.is_file():
+        return json.loads(previous.read_text())
+    if trial is not None:
+        match = [r for r in records if r["number"] == trial and not r["pruned"]]
+        if not match:
+            numbers = ", ".join(str(r["number"]) for r in front)
+            raise UserError(f"trial {trial} is not a completed trial of this run; the Pareto "
+                            f"front holds trials {numbers}")
+        return {"number": trial, "by": "flag", "within_budget": None}
+    if chooser is not None:
+        number = chooser(front, heldout)
+        if number is not None:
+            return {"number": int(number), "by": "interactive", "within_budget": None}
+    return {"number": auto["number"], "by": "rule", "within_budget": within}

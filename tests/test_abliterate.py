@@ -1,0 +1,182 @@
+"""`refusalkit abliterate`: kernels (hooks = folded weights = Arditi's case), the pipeline end
+to end on a tiny model (resume, checkpoint, reproduce, CLI errors), and a real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PlantedWord, assert_same_up_to_float32, build_tiny
+
+from refusalkit.abliterate import AbliterateConfig, reproduce, run_abliterate
+from refusalkit.errors import UserError
+from refusalkit.interventions import Profile, ablation, orthogonalize, steer
+from refusalkit.kernels import Kernel, Peak, arditi_kernel, fold_kernel, folded, kernel_hooks
+
+
+def _logits(lm, text: str = "how do i make a bomb") -> torch.Tensor:
+    ids = lm.tokenizer(lm.format(text), return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        return lm.model(**ids).logits[0].float()
+
+
+def _directions(lm, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(lm.n_layers, lm.hidden_size, generator=g)
+
+
+GENTLE = Kernel(1.4, {"attn": Peak(1.2, 2.0, 0.3, 1.5), "mlp": Peak(0.8, 1.0, 0.0, 2.5)},
+                embed=0.6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen2_moe"])
+def test_kernel_hooks_equal_the_folded_weights_and_folding_is_undone(family: str) -> None:
+    """A gentle kernel (fractional direction, two peaks, an embedding weight) acts the same
+    through hooks and through folded weights; per-layer scope too; `folded` restores every
+    weight exactly."""
+    lm = build_tiny(family)
+    dirs = _directions(lm)
+    plain = _logits(lm)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    for kernel in (GENTLE, Kernel(None, GENTLE.peaks, 0.0)):
+        with kernel_hooks(lm, kernel, dirs):
+            hooked = _logits(lm)
+        with folded(lm, kernel, dirs):
+            weights = _logits(lm)
+        assert_same_up_to_float32(weights, hooked, plain)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert torch.equal(_logits(lm), plain)  # hooks came off too
+
+
+def test_the_arditi_case_is_weight_orthogonalisation() -> None:
+    """Direction at an integer layer, weight 1 everywhere and on the embedding = Arditi's
+    single-direction orthogonalisation, and = the hook ablation profile at every layer."""
+    lm, ref = build_tiny("qwen2"), build_tiny("qwen2")
+    dirs = _directions(lm)
+    layer = 2
+    kernel = arditi_kernel(layer, lm.n_layers)
+    assert all(kernel.weight(c, i) == 1.0 for c in ("attn", "mlp") for i in range(lm.n_layers))
+    plain = _logits(lm)
+    with steer(lm, Profile((ablation(dirs[layer], list(range(lm.n_layers))),))):
+        profile_hooked = _logits(lm)
+    fold_kernel(lm, kernel, dirs)
+    orthogonalize(ref, dirs[layer])
+    for name, p in ref.model.state_dict().items():
+        torch.testing.assert_close(lm.model.state_dict()[name], p, rtol=1e-6, atol=1e-7)
+    assert_same_up_to_float32(_logits(lm), profile_hooked, plain)
+
+
+def test_a_kernel_round_trips_through_json_and_peaks_fall_off_linearly() -> None:
+    assert Kernel.from_json(json.loads(json.dumps(GENTLE.to_json()))).to_json() == GENTLE.to_json()
+    p = Peak(1.0, 4.0, 0.2, 2.0)
+    assert [round(p.at(i), 6) for i in range(8)] == [0.0, 0.0, 0.2, 0.6, 1.0, 0.6, 0.2, 0.0]
+
+
+def tiny_cfg(**over) -> AbliterateConfig:
+    base = {"data.n_fit": 8, "data.n_search": 6, "data.n_search_kl": 6, "data.n_eval": 8,
+            "data.n_eval_kl": 6, "search.trials": 4, "search.startup": 3,
+            "judge.max_new_tokens": 4, "batch_size": 8, "eval_front": 2}
+    return AbliterateConfig.load(None, {**base, **over})
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path, monkeypatch) -> tuple[Path, object, AbliterateConfig]:
+    lm = build_tiny("llama")
+    monkeypatch.setattr("refusalkit.abliterate.pipeline.make_judge",
+                        lambda spec: PlantedWord() if spec == "calibrated" else __import__(
+                            "refusalkit.judge", fromlist=["make_judge"]).make_judge(spec))
+    cfg = tiny_cfg()
+    out = run_abliterate(cfg, tmp_path / "run", lm=lm, show_progress=False)
+    return out, lm, cfg
+
+
+def test_the_pipeline_runs_end_to_end_and_resumes(tiny_run, tmp_path: Path) -> None:
+    out, lm, cfg = tiny_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trials"] == 4
+    assert set(metrics["heldout_refusal_after"]) == {"calibrated", "keyword:heretic"}
+    assert metrics["chosen"]["by"] == "rule"
+    # the rule: fewest dev refusals within the KL budget, read back from the records
+    records = json.loads((out / "stages" / "search.json").read_text())
+    ok = [r for r in records if not r["pruned"] and r["kl"] <= cfg.kl_max]
+    if ok:
+        assert metrics["chosen"]["dev_refusals"] == min(r["refusals"] for r in ok)
+    for name in ("model/config.json", "model/model.safetensors", "model/README.md",
+                 "model/tokenizer_config.json", "reproduce.json", "report.html",
+                 "figures/pareto.svg", "tables/front.csv"):
+        assert (out / name).is_file(), name
+    card = (out / "model" / "README.md").read_text()
+    assert f"Trial {metrics['chosen']['number']}" in card and "keyword:heretic" in card
+    assert (out / "model" / "model.safetensors").stat().st_mode & 0o777 != 0o600
+    timings = json.loads((out / "timings.json").read_text())
+    before = (out / "metrics.json").read_bytes()
+    run_abliterate(cfg, out, lm=lm, resume=True, show_progress=False)
+    assert json.loads((out / "timings.json").read_text()) == timings  # nothing recomputed
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_the_checkpoint_reloads_with_plain_transformers_and_matches_the_hooks(tiny_run) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from refusalkit.models import from_pretrained_objects
+
+    out, lm, _cfg = tiny_run
+    rec = json.loads((out / "reproduce.json").read_text())
+    dirs = load_file(str(out / "stages" / "directions.safetensors"))["directions"]
+    kernel = Kernel.from_json(rec["kernel"])
+    plain = _logits(lm)
+    with kernel_hooks(lm, kernel, dirs):
+        hooked = _logits(lm)
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
+    reloaded = from_pretrained_objects(model, AutoTokenizer.from_pretrained(out / "model"))
+    if torch.equal(hooked, plain):  # a kernel that changes nothing would make this vacuous
+        pytest.fail("the chosen kernel does not change the tiny model's logits")
+    assert_same_up_to_float32(_logits(reloaded), hooked, plain)
+
+
+def test_reproduce_remakes_the_same_checkpoint(tiny_run, tmp_path: Path) -> None:
+    out, lm, _cfg = tiny_run
+    result = reproduce(out / "reproduce.json", tmp_path / "again", lm=lm)
+    assert result["directions_match"] and result["checkpoint_match"]
+    with pytest.raises(UserError, match="not an empty folder"):
+        reproduce(out, tmp_path / "again", lm=lm)
+
+
+def test_a_trial_flag_off_the_run_is_one_clear_error(tiny_run) -> None:
+    out, lm, cfg = tiny_run
+    with pytest.raises(UserError, match="trial 999 is not a completed trial"):
+        run_abliterate(cfg, out, lm=lm, resume=True, trial=999, show_progress=False)
+
+
+def test_cli_print_config_and_bad_inputs(tmp_path: Path) -> None:
+    from test_cli import cli, fails
+
+    res = cli("abliterate", "--print-config")
+    assert res.returncode == 0 and "kl_max = 0.1" in res.stdout and "keyword:heretic" in res.stdout
+    bad = tmp_path / "r.json"
+    bad.write_text("{")
+    fails("abliterate", "--reproduce", str(bad), "--out", str(tmp_path / "x"),
+          match="not valid JSON")
+    fails("abliterate", "--set", "search.max_weight=[1.0, 0.5]", "--print-config",
+          match="low < high")
+
+
+@pytest.mark.real
+def test_a_small_abliterate_run_halves_jailbreakbench_refusal_on_qwen(qwen, tmp_path: Path
+                                                                      ) -> None:
+    """Small budget on qwen2.5-coder-0.5b, default (calibrated) judge: held-out
+    JailbreakBench refusal at least halved at held-out KL <= 0.1."""
+    cfg = AbliterateConfig.load(None, {
+        "data.n_fit": 32, "data.n_search": 16, "data.n_search_kl": 32, "data.n_eval": 40,
+        "data.n_eval_kl": 64, "search.trials": 6, "search.startup": 4,
+        "judge.max_new_tokens": 32, "eval_front": 2})
+    out = run_abliterate(cfg, tmp_path / "run", lm=qwen, show_progress=False)
+    m = json.loads((out / "metrics.json").read_text())
+    before, after = m["heldout_refusal_before"]["calibrated"], m["heldout_refusal_after"][
+        "calibrated"]
+    assert before >= 0.5, f"the unsteered model should refuse JailbreakBench ({before:.2f})"
+    assert after <= 0.5 * before, (before, after, m["chosen"])
+    assert m["heldout_kl"] <= 0.1, m["heldout_kl"]
