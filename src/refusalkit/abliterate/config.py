@@ -93,6 +93,8 @@ class AbliterateConfig(ConfigModel):
     """Prompts per forward pass."""
     reasoning: bool | None = None
     """Thinking switch for models that have one (None: the template's default)."""
+    system_prompt: str | None = None
+    """System message for every prompt (None: the chat template's default)."""
     kl_max: float = Field(0.1, gt=0)
     """KL budget: without --trial the chosen trial is the one with the fewest (dev) refusals
     within it, ties to the lower KL."""

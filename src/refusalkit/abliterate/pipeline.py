@@ -114,7 +114,8 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
     check_run_folder(out, resume)  # before the slow model load
     judge = make_judge(cfg.judge.spec)
     compare = {spec: make_judge(spec) for spec in cfg.judge.compare if spec != cfg.judge.spec}
-    lm = lm or load_model(cfg.model, reasoning=cfg.reasoning)
+    lm = lm or load_model(cfg.model, reasoning=cfg.reasoning,
+                           system_prompt=cfg.system_prompt)
     manifest = run_manifest("abliterate", cfg.model_dump(mode="json"), model=model_record(lm),
                             datasets=splits.records(), seeds={"seed": cfg.seed})
     with RunDir(out, manifest, resume=resume) as run:

@@ -48,7 +48,8 @@ def reproduce(path: str | Path, out: str | Path, *, lm: LoadedModel | None = Non
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"'{out}' exists and is not an empty folder; choose a new --out")
-    lm = lm or load_model(cfg.model, reasoning=cfg.reasoning)
+    lm = lm or load_model(cfg.model, reasoning=cfg.reasoning,
+                           system_prompt=cfg.system_prompt)
     if model_record(lm)["fingerprint"] != rec["model"]["fingerprint"]:
         raise UserError(f"'{lm.name}' is not the model the run abliterated (its fingerprint "
                         "differs); load the same model files")

@@ -74,31 +74,39 @@ def suggest(trial: optuna.Trial, space: AbliterateSearch, n_layers: int,
 
 def seed_params(best_layers: Sequence[int], space: AbliterateSearch, n_layers: int,
                 comps: Sequence[str]) -> list[dict[str, Any]]:
-    """Informed first trials: Arditi's flat kernel (weight 1 at every layer) on each of the
-    best-separating layers, then the same at the lowest allowed weight. Values are clipped
-    into the search ranges, so Optuna's model sees them as ordinary points."""
+    """Informed first trials, all derived from where the direction separates best (L, then
+    the runner-up L2) and the depth: Arditi's flat kernel (weight 1 at every layer) on L; a
+    peak a quarter of the depth past L falling to a quarter weight over a third of the depth
+    (later writers carry less of what ordinary answers need, Heretic's experience); the flat
+    kernel at the lowest allowed weight; and the flat kernel on L2. Values are clipped into
+    the search ranges, so Optuna's model sees them as ordinary points."""
     last = n_layers - 1
+    lo_w = space.max_weight[0]
 
     def clip(x: float, lo: float, hi: float) -> float:
         return min(max(x, lo), hi)
 
-    out = []
-    for weight in (1.0, space.max_weight[0]):
-        for layer in best_layers:
-            p: dict[str, Any] = {}
-            if len(space.scopes) > 1:
-                p["scope"] = "global"
-            p["direction"] = clip(layer, space.direction_range[0] * last,
-                                  space.direction_range[1] * last)
-            for c in comps:
-                p[f"{c}.max_weight"] = clip(weight, *space.max_weight)
-                p[f"{c}.position"] = clip(layer, space.peak_range[0] * last,
-                                          space.peak_range[1] * last)
-                p[f"{c}.min_fraction"] = 1.0
-                p[f"{c}.distance"] = max(1.0, space.max_distance * last)
-            if space.embed:
-                p["embed"] = 0.0
-            out.append(p)
+    def point(layer: int, weight: float, peak: float, low: float, dist: float) -> dict[str, Any]:
+        p: dict[str, Any] = {}
+        if len(space.scopes) > 1:
+            p["scope"] = "global"
+        p["direction"] = clip(layer, space.direction_range[0] * last,
+                              space.direction_range[1] * last)
+        for c in comps:
+            p[f"{c}.max_weight"] = clip(weight, *space.max_weight)
+            p[f"{c}.position"] = clip(peak, space.peak_range[0] * last,
+                                      space.peak_range[1] * last)
+            p[f"{c}.min_fraction"] = low
+            p[f"{c}.distance"] = clip(dist, 1.0, max(1.0, space.max_distance * last))
+        if space.embed:
+            p["embed"] = 0.0
+        return p
+
+    first = best_layers[0]
+    out = [point(first, 1.0, first, 1.0, last),
+           point(first, 1.0, first + 0.25 * last, 0.25, last / 3),
+           point(first, lo_w, first, 1.0, last)]
+    out += [point(layer, 1.0, layer, 1.0, last) for layer in best_layers[1:]]
     return out
 
 

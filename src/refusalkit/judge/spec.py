@@ -34,7 +34,7 @@ from refusalkit.models import LoadedModel
 DEFAULT_LLM = "qwen2.5-coder-0.5b"
 HYBRID_WEIGHTS = "hybrid_v1"
 PROBE_WEIGHTS = "probe_qwen_v1"
-CALIBRATED_WEIGHTS = "calibrated_v1"
+CALIBRATED_WEIGHTS = "calibrated_v2"
 DEFAULT_JUDGE = "calibrated"  # the judge every command and config uses unless told otherwise
 PACKAGED = {"hybrid": HYBRID_WEIGHTS, "probe": PROBE_WEIGHTS,
             "calibrated": CALIBRATED_WEIGHTS}  # short names of trained judges

@@ -8,7 +8,7 @@
         --calibrate-llm qwen2.5-coder-0.5b                    # the `llm:` judge's threshold
     python -m refusalkit.judge.train --recipe v2 --labels tests/data/judge_labels.jsonl \
         --extra-labels ../shared/datasets/xstest_judge_labels.jsonl \
-        --name calibrated_v1                                   # the default `calibrated` judge
+        --name calibrated_v2                                   # the default `calibrated` judge
 
 The L2 strength is chosen by stratified k-fold cross-validation on dev; the final model is fit
 on all of dev and written as JSON into the package (data/judge/NAME.json). Calibration picks
