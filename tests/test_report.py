@@ -294,3 +294,18 @@ def test_pipeline_report_renders_in_headless_chromium(pipeline: str, pipeline_ru
                     "--dump-dom")
     assert f"{shown} of {n} examples" in dom.stdout
     assert len(re.findall(r'<tr [^>]*class="hidden"', dom.stdout)) == n - shown > 0
+
+
+def test_the_steer_command_ends_with_before_after_answers(pipeline_runs) -> None:
+    """`refusalkit steer` (so `make demo`) ends by printing held-out target answers before and
+    after, with the judge's flags: read from the real tiny run's examples."""
+    from refusalkit.commands.steer import before_after
+
+    run = pipeline_runs["steer"]
+    rows = [json.loads(x) for x in (run / "examples.jsonl").read_text().splitlines()]
+    target = [r for r in rows if r["dataset"] == "target_eval"]
+    text = before_after(run / "examples.jsonl", 3)
+    assert text.count("  Q: ") == min(3, len(target)) > 0
+    first = target[0]
+    assert " ".join(first["after"].split())[:40] in text
+    assert f"{first['before_label']} → {first['after_label']}" in text

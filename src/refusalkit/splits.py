@@ -148,8 +148,9 @@ class AnalyzeConfig(ConfigModel):
     """refusalkit analyze: is refusal one direction or many, and what do they change?"""
 
     model: str = Field("qwen2.5-coder-0.5b", description="Model spec.")
-    judge: str = Field("keyword", description="Judge spec for responses (see refusalkit "
-                       "judge --help).")
+    judge: str = Field("calibrated", description="Judge spec for responses (see refusalkit "
+                       "judge --help); the default counts babble and off-topic answers as "
+                       "refusal, as paper A does, where keyword counts only refusal phrases.")
     seed: int = Field(0, description="Seed for every sample and resample.")
     batch_size: int = Field(16, ge=1, description="Batch size for activations and scores.")
     splits: list[Split] = Field(min_length=2, description="At least two splits.")

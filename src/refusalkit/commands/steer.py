@@ -54,3 +54,27 @@ def register(app: typer.Typer) -> None:
                 f"over-refusal {metrics['overrefusal_before']:.0%} → "
                 f"{metrics['overrefusal_after']:.0%}, KL {metrics['kl_harmless']:.3f}\n"
                 f"report:  {path / 'report.html'}\nprofile: {path / 'profile'}")
+            typer.echo(before_after(path / "examples.jsonl", 3))
+
+
+def before_after(examples: Path, n: int) -> str:
+    """n before/after pairs from the held-out target set, with the judge's flags, so the
+    end of a run shows answers and not only rates."""
+    if not examples.is_file():
+        return ""
+    rows = [json.loads(line) for line in examples.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    rows = [r for r in rows if r.get("dataset") == "target_eval"][:n]
+
+    def clip(text: str) -> str:
+        text = " ".join(str(text).split())
+        return text if len(text) <= 160 else text[:157] + "..."
+
+    out = [f"\n{len(rows)} held-out target answers, before → after:"]
+    for r in rows:
+        flags = f"{r.get('before_label')} → {r.get('after_label')}"
+        if r.get("after_style"):
+            flags += f" ({r['after_style']})"
+        out += [f"\n  Q: {clip(r['prompt'])}", f"  before: {clip(r['before'])}",
+                f"  after:  {clip(r['after'])}", f"  judged: {flags}"]
+    return "\n".join(out)
