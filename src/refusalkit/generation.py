@@ -59,11 +59,14 @@ def generate(
     batch_size: int = 16,
     show_progress: bool = True,
     formatted: bool = False,
+    logprobs: bool = True,
 ) -> list[list[Generation]]:
     """Generate `num_samples` answers per prompt; result[i][k] is sample k of prompt i.
 
     temperature 0 is greedy decoding (then one sample is returned per prompt). Sampling is
-    seeded per batch so results do not depend on what ran before.
+    seeded per batch so results do not depend on what ran before. `logprobs=False` skips the
+    chosen tokens' log-probs (each step's full-vocabulary logits kept and normalised), which
+    greedy judging never reads.
     """
     if not prompts:
         raise UserError("no prompts to generate from")
@@ -96,11 +99,12 @@ def generate(
                     num_return_sequences=k,
                     pad_token_id=tok.pad_token_id,
                     return_dict_in_generate=True,
-                    output_logits=True,
+                    output_logits=logprobs,
                 )
             new = out.sequences[:, input_ids.shape[1]:]
-            logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)
-            chosen = logp.gather(-1, new[..., None])[..., 0]
+            chosen = (torch.stack(out.logits, dim=1).float().log_softmax(-1)
+                      .gather(-1, new[..., None])[..., 0] if logprobs
+                      else torch.zeros(new.shape))
             for row in range(new.shape[0]):
                 ids = new[row].tolist()
                 end = next((j for j, t in enumerate(ids) if t in eos), None)
@@ -110,7 +114,7 @@ def generate(
                     prompt=prompts[prompt_i],
                     text=tok.decode(ids[:n], skip_special_tokens=True),
                     token_ids=tuple(ids[:n]),
-                    logprobs=tuple(chosen[row, :n].tolist()),
+                    logprobs=tuple(chosen[row, :n].tolist()) if logprobs else (),
                     finished=end is not None,
                 ))
             progress.advance(len(idx))

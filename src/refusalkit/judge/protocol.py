@@ -122,7 +122,8 @@ def score_prompts(
     greedy = mode == "greedy"
     gens = generate(lm, prompts, profile=profile, max_new_tokens=max_new_tokens,
                     temperature=0.0 if greedy else temperature, num_samples=1 if greedy else k,
-                    seed=seed, batch_size=batch_size, show_progress=show_progress)
+                    seed=seed, batch_size=batch_size, show_progress=show_progress,
+                    logprobs=not greedy)  # only sampled answers are weighted by them
     judged: Judge = CachedJudge(judge, cache) if cache is not None else judge
     flat_p = [g.prompt for row in gens for g in row]
     flat_a = [g.answer for row in gens for g in row]
