@@ -255,3 +255,10 @@ def test_the_interactive_pick_takes_a_front_trial_or_the_rule(monkeypatch) -> No
     assert _ask(front, {}) == 7  # 9 is not on the front: asked again
     monkeypatch.setattr("typer.prompt", lambda *a, **k: "")
     assert _ask(front, {}) is None  # Enter: the rule decides
+
+
+def test_gguf_on_a_model_without_a_gguf_source_fails_before_the_search(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--gguf needs a model loaded from a GGUF file"):
+        run_abliterate(tiny_cfg(), tmp_path / "run", lm=build_tiny("llama"), gguf=True,
+                       show_progress=False)
+    assert not (tmp_path / "run").exists()

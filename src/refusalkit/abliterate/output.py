@@ -125,7 +125,7 @@ def _front_figure(run: RunDir, records: list[dict[str, Any]], front: list[dict[s
     c = next(r for r in done if r["number"] == chosen)
     ax.plot([c["kl"]], [c["refusals"] / c["n"]], "*", ms=14, color="#d62728", label="chosen")
     ax.axvline(cfg.kl_max, ls=":", color="k", lw=0.8)
-    ax.set(xscale="symlog", xlabel="KL on dev ordinary prompts",
+    ax.set(xlabel="KL on dev ordinary prompts",
            ylabel="judged refusal rate (dev)", title="search (dev)")
     ax.legend(fontsize=7)
     specs = list(heldout["unsteered"]["refusals"])
@@ -138,7 +138,7 @@ def _front_figure(run: RunDir, records: list[dict[str, Any]], front: list[dict[s
             bx.plot([heldout[str(chosen)]["kl"]], [_rate(heldout[str(chosen)], spec)], "*",
                     ms=14, color=color)
     bx.axvline(cfg.kl_max, ls=":", color="k", lw=0.8)
-    bx.set(xscale="symlog", xlabel="KL on held-out ordinary prompts",
+    bx.set(xlabel="KL on held-out ordinary prompts",
            ylabel="refusal rate (held out)", title="front, held out")
     bx.legend(fontsize=7)
     save_figure(run, "pareto", fig, section="Pareto front",

@@ -116,6 +116,10 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
     compare = {spec: make_judge(spec) for spec in cfg.judge.compare if spec != cfg.judge.spec}
     lm = lm or load_model(cfg.model, reasoning=cfg.reasoning,
                            system_prompt=cfg.system_prompt)
+    if gguf:  # fail before the search, not after it
+        from refusalkit.abliterate.gguf_out import source_gguf
+
+        source_gguf(lm)
     manifest = run_manifest("abliterate", cfg.model_dump(mode="json"), model=model_record(lm),
                             datasets=splits.records(), seeds={"seed": cfg.seed})
     with RunDir(out, manifest, resume=resume) as run:
