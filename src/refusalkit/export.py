@@ -82,6 +82,12 @@ def ablation_direction(lm: LoadedModel, profile: Profile) -> torch.Tensor:
     return ref.float()
 
 
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's values as little-endian float32 (what stamps record)."""
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().astype("<f4")
+                          .tobytes()).hexdigest()
+
+
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"'{out}' exists and is not a folder; choose another --out")
@@ -98,8 +104,7 @@ def export_abliterated(lm: LoadedModel, profile: Profile, out: str | Path,
     _prepare_out_dir(out, overwrite)
     orthogonalize(lm, direction.to(lm.device))
     stamp = {"format": "refusalkit.abliterated/v1", "source_model": model_record(lm),
-             "direction_sha256": hashlib.sha256(
-                 direction.numpy().astype("<f4").tobytes()).hexdigest(),
+             "direction_sha256": tensor_sha256(direction),
              "profile": {k: v for k, v in profile.meta.items() if k != "model"}}
     return write_checkpoint(lm, out, stamp)
 

@@ -103,8 +103,7 @@ def generate(
                 )
             new = out.sequences[:, input_ids.shape[1]:]
             chosen = (torch.stack(out.logits, dim=1).float().log_softmax(-1)
-                      .gather(-1, new[..., None])[..., 0] if logprobs
-                      else torch.zeros(new.shape))
+                      .gather(-1, new[..., None])[..., 0] if logprobs else None)
             for row in range(new.shape[0]):
                 ids = new[row].tolist()
                 end = next((j for j, t in enumerate(ids) if t in eos), None)
@@ -114,7 +113,7 @@ def generate(
                     prompt=prompts[prompt_i],
                     text=tok.decode(ids[:n], skip_special_tokens=True),
                     token_ids=tuple(ids[:n]),
-                    logprobs=tuple(chosen[row, :n].tolist()) if logprobs else (),
+                    logprobs=() if chosen is None else tuple(chosen[row, :n].tolist()),
                     finished=end is not None,
                 ))
             progress.advance(len(idx))

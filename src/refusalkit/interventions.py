@@ -32,6 +32,7 @@ from refusalkit.artifacts import (
     write_artifact,
 )
 from refusalkit.errors import UserError
+from refusalkit.kernels import arditi_kernel, fold_kernel
 from refusalkit.models import LoadedModel
 
 Kind = Literal["add", "ablate", "clamp"]
@@ -295,22 +296,9 @@ def orthogonalize(lm: LoadedModel, direction: torch.Tensor) -> None:
             f"weight orthogonalisation is not exact for '{arch.model_type}': its sublayer outputs "
             "pass a norm before the residual add; use hook ablation (a profile) instead"
         )
-    r = direction.detach().double()
-    r = r / r.norm().clamp_min(1e-12)
-    head = arch.lm_head
-    if head is not None and head.weight is arch.embed.weight:
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())
-        lm.model.config.tie_word_embeddings = False
-    emb = arch.embed.weight
-    emb.copy_((emb.double() - (emb.double() @ r)[:, None] * r).to(emb.dtype))
-    for w in arch.writers:
-        p = w.param
-        moved = p.double().movedim(w.out_dim, -1)  # hidden axis last
-        moved = moved - (moved @ r)[..., None] * r
-        p.copy_(moved.movedim(-1, w.out_dim).to(p.dtype))
-        if w.bias is not None:
-            b = w.bias.double()
-            w.bias.copy_((b - (b @ r)[..., None] * r).to(w.bias.dtype))
+    # Arditi's case of an ablation kernel: one direction, weight 1 everywhere, embedding too.
+    fold_kernel(lm, arditi_kernel(0, lm.n_layers),
+                direction.detach()[None].expand(lm.n_layers, -1))
 
 
 # ---------------------------------------------------------------- profile artifacts

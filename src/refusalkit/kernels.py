@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,9 +128,25 @@ def layer_modules(arch: Architecture, layer: int) -> list[tuple[str, nn.Module]]
     return list(seen.values())
 
 
-def _layer_direction(kernel: Kernel, directions: torch.Tensor, layer: int,
-                     fixed: torch.Tensor | None) -> torch.Tensor:
-    return fixed if fixed is not None else unit_rows(directions)[layer]
+def direction_of(kernel: Kernel, directions: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """layer -> the unit direction the kernel ablates there (float64), normalised once."""
+    rows = unit_rows(directions)
+    if kernel.direction is None:
+        return lambda layer: rows[layer]
+    fixed = direction_at(directions, kernel.direction)
+    return lambda _layer: fixed
+
+
+def touched(lm: LoadedModel, kernel: Kernel) -> list[nn.Parameter]:
+    """The parameters folding the kernel changes: writers (and biases) with a nonzero weight,
+    the embedding when it has one."""
+    out: list[nn.Parameter] = []
+    for w in lm.arch.writers:
+        if kernel.weight(component_of(w.name), w.layer):
+            out += [w.param] if w.bias is None else [w.param, w.bias]
+    if kernel.embed:
+        out.append(lm.arch.embed.weight)
+    return out
 
 
 def _check(lm: LoadedModel, directions: torch.Tensor) -> None:
@@ -143,23 +159,25 @@ def _check(lm: LoadedModel, directions: torch.Tensor) -> None:
 def kernel_hooks(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor) -> Iterator[None]:
     """Apply the kernel with forward hooks for the duration of the block (always removed)."""
     _check(lm, directions)
-    fixed = None if kernel.direction is None else direction_at(directions, kernel.direction)
+    r_at = direction_of(kernel, directions)
+    dtype = lm.arch.embed.weight.dtype
     handles: list[Any] = []
 
     def project(weight: float, r: torch.Tensor):
+        u0 = r.to(device=lm.device, dtype=dtype)  # converted once, not on every forward
+
         def hook(_m: nn.Module, _a: Any, out: Any) -> Any:
             def fn(h: torch.Tensor) -> torch.Tensor:
-                u = r.to(device=h.device, dtype=h.dtype)
+                u = u0 if h.dtype == u0.dtype else u0.to(h.dtype)
                 return h - weight * (h @ u)[..., None] * u
             return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
         return hook
 
     try:
         if kernel.embed:
-            r0 = _layer_direction(kernel, directions, 0, fixed)
-            handles.append(lm.arch.embed.register_forward_hook(project(kernel.embed, r0)))
+            handles.append(lm.arch.embed.register_forward_hook(project(kernel.embed, r_at(0))))
         for layer in range(lm.n_layers):
-            r = _layer_direction(kernel, directions, layer, fixed)
+            r = r_at(layer)
             for component, module in layer_modules(lm.arch, layer):
                 w = kernel.weight(component, layer)
                 if w:
@@ -181,13 +199,13 @@ def fold_kernel(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor) -> No
         raise UserError(
             f"an ablation kernel cannot be folded into '{arch.model_type}' weights: its sublayer "
             "outputs pass a norm before the residual add; use the hooks (kernel_hooks) instead")
-    fixed = None if kernel.direction is None else direction_at(directions, kernel.direction)
+    r_at = direction_of(kernel, directions)
     if kernel.embed:
         head = arch.lm_head
         if head is not None and head.weight is arch.embed.weight:
             head.weight = nn.Parameter(head.weight.detach().clone())
             lm.model.config.tie_word_embeddings = False
-        r = _layer_direction(kernel, directions, 0, fixed)
+        r = r_at(0)
         emb = arch.embed.weight
         e = emb.double()
         emb.copy_((e - kernel.embed * (e @ r)[:, None] * r).to(emb.dtype))
@@ -195,7 +213,7 @@ def fold_kernel(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor) -> No
         w = kernel.weight(component_of(wr.name), wr.layer)
         if not w:
             continue
-        r = _layer_direction(kernel, directions, wr.layer, fixed)
+        r = r_at(wr.layer)
         p = wr.param
         moved = p.double().movedim(wr.out_dim, -1)
         moved = moved - w * (moved @ r)[..., None] * r
@@ -211,10 +229,7 @@ def folded(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor) -> Iterato
     exactly (the touched tensors are copied first and restored, also on exceptions), so a
     caller's model is never left changed."""
     arch = lm.arch
-    params = [w.param for w in arch.writers] + [w.bias for w in arch.writers if w.bias is not None]
-    saved = [(p, p.detach().clone()) for p in params]
-    emb = arch.embed.weight
-    saved.append((emb, emb.detach().clone()))
+    saved = [(p, p.detach().clone()) for p in touched(lm, kernel)]  # only what changes
     head, head_weight = arch.lm_head, getattr(arch.lm_head, "weight", None)
     tied = lm.model.config.tie_word_embeddings if hasattr(lm.model.config,
                                                           "tie_word_embeddings") else None

@@ -44,8 +44,8 @@ class AbliterateSearch(ConfigModel):
     startup: int = Field(8, ge=1)
     """Trials before TPE models the front: the seeded points below, then random ones."""
     seeds: bool = True
-    """Start from informed points: the Arditi kernel at the layers where the direction
-    separates harmful from harmless prompts best, at full and half weight."""
+    """Start from informed points derived from the layers where the direction separates
+    harmful from harmless prompts best (see abliterate.search.seed_params)."""
     direction_range: tuple[float, float] = (0.3, 0.9)
     """Where the direction's layer may lie, as fractions of depth (Heretic: 0.4-0.9)."""
     peak_range: tuple[float, float] = (0.3, 1.0)
@@ -103,5 +103,3 @@ class AbliterateConfig(ConfigModel):
     judge: AbliterateJudge = AbliterateJudge()
     eval_front: int = Field(6, ge=1)
     """At most this many Pareto trials (within 2 × kl_max) are re-measured on held-out data."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Data type of the saved checkpoint."""

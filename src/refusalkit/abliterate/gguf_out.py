@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from refusalkit.errors import UserError
-from refusalkit.kernels import Kernel, component_of, folded
+from refusalkit.kernels import Kernel, folded, touched
 from refusalkit.models import PACKAGED, LoadedModel, assemble_packaged
 
 
@@ -31,16 +31,6 @@ def source_gguf(lm: LoadedModel) -> Path:
     raise UserError(f"--gguf needs a model loaded from a GGUF file (a packaged model or a "
                     f".gguf path); '{lm.name}' is not one — convert the saved checkpoint with "
                     "llama.cpp's convert_hf_to_gguf.py instead")
-
-
-def _changed(lm: LoadedModel, kernel: Kernel) -> dict[str, torch.nn.Parameter]:
-    """HF parameter name -> parameter, for every tensor the kernel changes."""
-    ids = {id(w.param) for w in lm.arch.writers if kernel.weight(component_of(w.name), w.layer)}
-    ids |= {id(w.bias) for w in lm.arch.writers
-            if w.bias is not None and kernel.weight(component_of(w.name), w.layer)}
-    if kernel.embed:
-        ids.add(id(lm.arch.embed.weight))
-    return {n: p for n, p in lm.model.named_parameters() if id(p) in ids}
 
 
 def write_gguf(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor, out: Path) -> Path:
@@ -57,7 +47,9 @@ def write_gguf(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor, out: P
     present = {t.name for t in reader.tensors}
     with folded(lm, kernel, directions):
         new: dict[str, np.ndarray] = {}
-        for hf_name, p in _changed(lm, kernel).items():
+        ids = {id(p) for p in touched(lm, kernel)}
+        changed = {n: p for n, p in lm.model.named_parameters() if id(p) in ids}
+        for hf_name, p in changed.items():
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None or name not in present:
                 raise UserError(f"cannot place '{hf_name}' in the GGUF file ({src.name}); "

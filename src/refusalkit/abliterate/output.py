@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from refusalkit.abliterate.config import AbliterateConfig
+from refusalkit.abliterate.search import refusal_count
 from refusalkit.artifacts import model_record
-from refusalkit.export import EXPORT_STAMP, write_checkpoint
+from refusalkit.export import tensor_sha256, write_checkpoint
 from refusalkit.judge.protocol import classify
 from refusalkit.kernels import Kernel, folded
 from refusalkit.models import LoadedModel
@@ -23,9 +24,12 @@ CHECKPOINT = "model"
 REPRODUCE_FORMAT = "refusalkit.abliterate.reproduce/v1"
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().float().contiguous().numpy().astype("<f4").tobytes()
-                          ).hexdigest()
+def checkpoint_stamp(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor,
+                     trial: int) -> dict[str, Any]:
+    """refusalkit-export.json of an abliterated checkpoint."""
+    return {"format": "refusalkit.abliterated/v2", "source_model": model_record(lm),
+            "kernel": kernel.to_json(), "directions_sha256": tensor_sha256(directions),
+            "trial": trial}
 
 
 def save_checkpoint(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor, out: Path,
@@ -103,7 +107,7 @@ def metrics_of(cfg: AbliterateConfig, records: list[dict[str, Any]],
                    "within_budget": picked.get("within_budget"), "kernel": chosen["kernel"],
                    "dev_refusals": chosen["refusals"], "dev_n": chosen["n"],
                    "dev_kl": chosen["kl"]},
-        "dev_refusals_before": sum(classify(r["confidence"]) == "refusal" for r in base),
+        "dev_refusals_before": refusal_count(base),
         "heldout_n": held["n"],
         "heldout_kl": held["kl"],
         "heldout_refusal_before": {s: _rate(un, s) for s in un["refusals"]},
@@ -186,9 +190,7 @@ def finish(run: RunDir, lm: LoadedModel, cfg: AbliterateConfig, splits: Any,
     directions = fit["directions"]
     held = heldout[str(chosen["number"])]
     card = model_card(cfg, lm, kernel, chosen, held, heldout["unsteered"], picked)
-    stamp = {"format": "refusalkit.abliterated/v2", "source_model": model_record(lm),
-             "kernel": kernel.to_json(), "directions_sha256": tensor_sha256(directions),
-             "trial": chosen["number"]}
+    stamp = checkpoint_stamp(lm, kernel, directions, chosen["number"])
     out = run.file(CHECKPOINT)
     sha = save_checkpoint(lm, kernel, directions, out, stamp, card)
     run.write_json(REPRODUCE, {
@@ -203,6 +205,3 @@ def finish(run: RunDir, lm: LoadedModel, cfg: AbliterateConfig, splits: Any,
     metrics = metrics_of(cfg, records, front, heldout, picked, base, sha)
     write_report(run, cfg, records, front, heldout, metrics)
     return run.path
-
-
-__all__ = ["CHECKPOINT", "EXPORT_STAMP", "REPRODUCE", "finish", "save_checkpoint"]

@@ -25,9 +25,11 @@ import torch
 
 from refusalkit.abliterate.config import AbliterateConfig
 from refusalkit.abliterate.search import (
+    answer_rows,
     choose,
     components,
     pareto_front,
+    refusal_count,
     run_search,
     score_kernel,
     seed_params,
@@ -39,7 +41,6 @@ from refusalkit.directions import mean_difference, per_layer
 from refusalkit.errors import UserError
 from refusalkit.evaluate import judge_prompts
 from refusalkit.judge import JudgementCache, make_judge
-from refusalkit.judge.protocol import classify
 from refusalkit.kernels import Kernel, kernel_hooks
 from refusalkit.models import LoadedModel, load_model
 from refusalkit.prompts import load_prompts
@@ -136,11 +137,10 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
             else:
                 with kernel_hooks(lm, kernel, directions):
                     js = judge_prompts(lm, prompts, judge, **jk)  # type: ignore[arg-type]
-            return [{"prompt": j.prompt, "response": j.response, "confidence": j.confidence,
-                     "style": j.style} for j in js]
+            return answer_rows(js)
 
         base = run.stage("baseline", lambda: judged_rows(splits.harmful_search, None))
-        if not any(classify(r["confidence"]) == "refusal" for r in base):
+        if not refusal_count(base):
             raise UserError(
                 f"'{lm.name}' refuses none of the {len(base)} dev harmful prompts "
                 f"({cfg.data.harmful_search}) by judge {cfg.judge.spec}; there is no refusal "
@@ -190,7 +190,7 @@ def make_measure(lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,
         rows = judged_rows(splits.harmful_eval, kernel)
         prompts = [r["prompt"] for r in rows]
         responses = [r["response"] for r in rows]
-        refusals = {cfg.judge.spec: sum(classify(r["confidence"]) == "refusal" for r in rows)}
+        refusals = {cfg.judge.spec: refusal_count(rows)}
         for spec, j in compare.items():
             refusals[spec] = sum(x.is_refusal for x in j.judge(prompts, responses))
         kl = 0.0

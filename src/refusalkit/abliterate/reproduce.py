@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from refusalkit.abliterate.config import AbliterateConfig
-from refusalkit.abliterate.output import REPRODUCE_FORMAT, save_checkpoint, tensor_sha256
+from refusalkit.abliterate.output import REPRODUCE_FORMAT, checkpoint_stamp, save_checkpoint
 from refusalkit.abliterate.pipeline import fit_directions, split_data
 from refusalkit.artifacts import model_record
 from refusalkit.errors import UserError, json_error
@@ -55,9 +55,8 @@ def reproduce(path: str | Path, out: str | Path, *, lm: LoadedModel | None = Non
                         "differs); load the same model files")
     directions = fit_directions(lm, splits, cfg.batch_size, show_progress)["directions"]
     kernel = Kernel.from_json(rec["kernel"])
-    stamp = {"format": "refusalkit.abliterated/v2", "source_model": model_record(lm),
-             "kernel": kernel.to_json(), "directions_sha256": tensor_sha256(directions),
-             "trial": rec["trial"], "reproduced_from": str(path)}
+    stamp = {**checkpoint_stamp(lm, kernel, directions, rec["trial"]),
+             "reproduced_from": str(path)}
     card = (f"# {lm.name}, abliterated with refusalkit (reproduced)\n\nRemade from "
             f"{Path(path).name} (trial {rec['trial']}); see the original run's model card.\n")
     sha = save_checkpoint(lm, kernel, directions, out, stamp, card)

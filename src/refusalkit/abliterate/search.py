@@ -18,8 +18,9 @@ import optuna
 import torch
 
 from refusalkit.abliterate.config import AbliterateSearch
-from refusalkit.evaluate import judge_prompts, refusal_rate
+from refusalkit.evaluate import Judged, judge_prompts
 from refusalkit.judge import Judge, JudgementCache
+from refusalkit.judge.protocol import classify
 from refusalkit.kernels import Kernel, Peak, kernel_hooks, layer_modules
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import kl_divergence, last_logprobs
@@ -123,10 +124,19 @@ def score_kernel(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor, *,
             return kl
         judged = judge_prompts(lm, harmful, judge, max_new_tokens=max_new_tokens, cache=cache,
                                batch_size=batch_size)
-    refusals = round(refusal_rate(judged) * len(judged))
-    answers = [{"prompt": j.prompt, "response": j.response, "confidence": j.confidence,
-                "style": j.style} for j in judged]
-    return TrialScore(refusals, len(judged), kl, answers)
+    answers = answer_rows(judged)
+    return TrialScore(refusal_count(answers), len(judged), kl, answers)
+
+
+def answer_rows(judged: Sequence[Judged]) -> list[dict[str, Any]]:
+    """Judged answers as the JSON rows trials and stages store."""
+    return [{"prompt": j.prompt, "response": j.response, "confidence": j.confidence,
+             "style": j.style} for j in judged]
+
+
+def refusal_count(rows: Sequence[dict[str, Any]]) -> int:
+    """Rows whose confidence classifies as refusal (c > the protocol's threshold)."""
+    return sum(classify(r["confidence"]) == "refusal" for r in rows)
 
 
 def run_search(lm: LoadedModel, directions: torch.Tensor, space: AbliterateSearch, *,
