@@ -82,3 +82,24 @@ def test_md_and_pca_point_towards_the_positive_side() -> None:
 def test_empty_side_is_a_user_error() -> None:
     with pytest.raises(UserError, match="empty"):
         mean_difference(torch.zeros(0, 4), torch.zeros(3, 4))
+
+
+def test_projected_md_is_orthogonal_to_the_benign_mean_and_keeps_the_rest() -> None:
+    """projected = unit(MD minus its part along unit(mean of neg)): orthogonal to that mean,
+    and equal to MD when MD is already orthogonal to it."""
+    from refusalkit.directions import mean_difference, projected
+
+    g = torch.Generator().manual_seed(5)
+    shift = torch.zeros(8)
+    shift[0] = 2.0
+    pos, neg = torch.randn(20, 8, generator=g) + 1.0 + shift, torch.randn(30, 8, generator=g) + 1.0
+    p = projected(pos, neg).double()
+    mu = neg.double().mean(0)
+    assert abs(float(p @ mu)) < 1e-6 * float(mu.norm())
+    assert float(p @ mean_difference(pos, neg).double()) > 0.5  # still points to refusal
+    # MD orthogonal to the benign mean: nothing to remove
+    neg2 = torch.zeros(4, 8)
+    neg2[:, 0] = 1.0
+    pos2 = neg2.clone()
+    pos2[:, 1] += 2.0
+    torch.testing.assert_close(projected(pos2, neg2), mean_difference(pos2, neg2))

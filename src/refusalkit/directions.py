@@ -1,4 +1,5 @@
-"""Refusal directions from two sets of activations: MD, RMD, WRMD and paired-difference PCA.
+"""Refusal directions from two sets of activations: MD, RMD, WRMD, paired-difference PCA and
+projected MD.
 
 All estimators take [n, d] tensors (one layer) and return a unit [d] vector in float32,
 computed in float64. `per_layer` maps an estimator over the layer axis of [n, L, d]
@@ -138,11 +139,23 @@ def pca_paired(pos: torch.Tensor, neg: torch.Tensor, *, normalize: bool = True) 
     return _unit(v) if normalize else v.float()
 
 
+def projected(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """MD with the part along the benign mean removed (grimjim's "projected abliteration",
+    Heretic 1.4's default): ablating μ_pos − μ_neg also shrinks the component every ordinary
+    prompt shares with it; only the part orthogonal to unit(μ_neg) is refusal-specific."""
+    _check(pos, neg)
+    r = mean_difference(pos, neg).double()
+    g = neg.double().mean(0)
+    g = g / g.norm().clamp_min(1e-12)
+    return _unit(r - (r @ g) * g)
+
+
 METHODS: dict[str, Estimator] = {
     "md": mean_difference,
     "rmd": rmd,
     "wrmd": wrmd,
     "pca": pca_paired,
+    "projected": projected,
 }
 
 

@@ -12,6 +12,12 @@ ways:
 
 With the direction at an integer layer, weight 1 at every layer and on the embedding, the
 kernel *is* Arditi's single-direction weight orthogonalisation (`interventions.orthogonalize`).
+
+`preserve_norms` is norm-preserving ablation (grimjim's "norm-preserving biprojected
+abliteration", Heretic 1.4's default): each writer row (one output unit's weights) is
+normalised, the direction projected out, and the row rescaled to its original norm, so the
+writer keeps its per-unit scale and only its direction changes. Per output unit that is a fixed
+linear map of the writer's output, so the hooks still reproduce the folded weights exactly.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusalkit.arch import Architecture
+from refusalkit.arch import Architecture, Writer
 from refusalkit.errors import UserError
 from refusalkit.models import LoadedModel
 
@@ -60,11 +66,14 @@ class Kernel:
     interpolates between the two neighbouring layers' directions; None ablates each layer's own
     direction at that layer. `peaks`: one weight profile per writer component ("attn", "mlp").
     `embed`: weight on the token embedding (Arditi ablates it; Heretic leaves it).
+    `preserve_norms`: keep each writer row's norm (see the module docstring; the embedding is
+    always projected plainly).
     """
 
     direction: float | None
     peaks: Mapping[str, Peak]
     embed: float = 0.0
+    preserve_norms: bool = False
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def weight(self, component: str, layer: int) -> float:
@@ -73,6 +82,7 @@ class Kernel:
 
     def to_json(self) -> dict[str, Any]:
         return {"direction": self.direction, "embed": self.embed,
+                "preserve_norms": self.preserve_norms,
                 "peaks": {k: vars(p) for k, p in sorted(self.peaks.items())}}
 
     @classmethod
@@ -81,7 +91,7 @@ class Kernel:
         return cls(None if d is None else float(d),
                    {k: Peak(**{f: float(x) for f, x in p.items()})
                     for k, p in data["peaks"].items()},
-                   float(data.get("embed", 0.0)))
+                   float(data.get("embed", 0.0)), bool(data.get("preserve_norms", False)))
 
 
 def arditi_kernel(layer: int, n_layers: int) -> Kernel:
@@ -149,6 +159,32 @@ def touched(lm: LoadedModel, kernel: Kernel) -> list[nn.Parameter]:
     return out
 
 
+def row_rescale(param: torch.Tensor, out_dim: int, r: torch.Tensor,
+                weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norm-preserving ablation of one writer: its row norms n (one per output unit) and the
+    factors s that restore them once the normalised rows have r projected out, so that
+    W' = diag(s) (I − w r rᵀ) diag(1/n) W (float64)."""
+    flat = param.detach().double().movedim(out_dim, -1).reshape(-1, param.shape[out_dim])
+    n = flat.norm(dim=0).clamp_min(1e-12)
+    hat = flat / n
+    kept = hat - weight * (hat @ r)[:, None] * r
+    return n, n / kept.norm(dim=0).clamp_min(1e-12)
+
+
+def _sole_writer(lm: LoadedModel, layer: int, module: nn.Module) -> Writer:
+    """The one writer whose output `module` is. Norm preservation rescales writer rows, a
+    linear map of that writer's output; a norm after the writer (gemma's post-norms) or two
+    writers summed in one module would not commute with it. (Stacked experts are one writer:
+    their rows are rescaled jointly, one factor per output unit, so the hook stays exact.)"""
+    found = [w for w in lm.arch.writers if w.layer == layer and w.module is module]
+    if len(found) != 1 or lm.arch.has_post_norms:
+        raise UserError(
+            "norm-preserving ablation rescales writer rows, which needs each residual write to "
+            f"come from one writer with no norm after it; layer {layer} of "
+            f"'{lm.arch.model_type}' does not: set search.preserve_norms = false")
+    return found[0]
+
+
 def _check(lm: LoadedModel, directions: torch.Tensor) -> None:
     if directions.ndim != 2 or directions.shape != (lm.n_layers, lm.hidden_size):
         raise UserError(f"expected one direction per layer [{lm.n_layers}, {lm.hidden_size}], "
@@ -163,25 +199,52 @@ def kernel_hooks(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor) -> I
     dtype = lm.arch.embed.weight.dtype
     handles: list[Any] = []
 
-    def project(weight: float, r: torch.Tensor):
-        u0 = r.to(device=lm.device, dtype=dtype)  # converted once, not on every forward
+    def as_model(t: torch.Tensor) -> torch.Tensor:  # converted once, not on every forward
+        return t.to(device=lm.device, dtype=dtype)
 
+    def project(weight: float, r: torch.Tensor):
+        u0 = as_model(r)
+
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            u = u0 if h.dtype == u0.dtype else u0.to(h.dtype)
+            return h - weight * (h @ u)[..., None] * u
+        return fn
+
+    def preserve(weight: float, r: torch.Tensor, writer: Writer):
+        n, s = (as_model(t) for t in row_rescale(writer.param, writer.out_dim, r, weight))
+        u0 = as_model(r)
+        if writer.bias is None:
+            b = b_kept = None
+        else:
+            b64 = writer.bias.detach().double()
+            b, b_kept = as_model(b64), as_model(b64 - weight * (b64 @ r) * r)
+
+        def fn(h: torch.Tensor) -> torch.Tensor:  # h = W x + b  ->  W' x + b'
+            x = h if b is None else h - b.to(h.dtype)
+            u = x / n.to(h.dtype)
+            uu = u0.to(h.dtype)
+            u = (u - weight * (u @ uu)[..., None] * uu) * s.to(h.dtype)
+            return u if b_kept is None else u + b_kept.to(h.dtype)
+        return fn
+
+    def hook_of(fn: Callable[[torch.Tensor], torch.Tensor]):
         def hook(_m: nn.Module, _a: Any, out: Any) -> Any:
-            def fn(h: torch.Tensor) -> torch.Tensor:
-                u = u0 if h.dtype == u0.dtype else u0.to(h.dtype)
-                return h - weight * (h @ u)[..., None] * u
             return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
         return hook
 
     try:
         if kernel.embed:
-            handles.append(lm.arch.embed.register_forward_hook(project(kernel.embed, r_at(0))))
+            handles.append(lm.arch.embed.register_forward_hook(
+                hook_of(project(kernel.embed, r_at(0)))))
         for layer in range(lm.n_layers):
             r = r_at(layer)
             for component, module in layer_modules(lm.arch, layer):
                 w = kernel.weight(component, layer)
-                if w:
-                    handles.append(module.register_forward_hook(project(w, r)))
+                if not w:
+                    continue
+                fn = (preserve(w, r, _sole_writer(lm, layer, module)) if kernel.preserve_norms
+                      else project(w, r))
+                handles.append(module.register_forward_hook(hook_of(fn)))
         yield
     finally:
         for h in handles:
@@ -191,8 +254,8 @@ def kernel_hooks(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor) -> I
 @torch.no_grad()
 def fold_kernel(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor) -> None:
     """Fold the kernel into the weights, in place: W ← W − w r̂ r̂ᵀ W on every residual writer
-    (bias too) and the embedding. A tied output embedding is untied first, so logits keep
-    reading the full stream."""
+    (bias too; with `preserve_norms`, each row is then restored to its norm) and the embedding.
+    A tied output embedding is untied first, so logits keep reading the full stream."""
     _check(lm, directions)
     arch = lm.arch
     if arch.has_post_norms:
@@ -200,6 +263,11 @@ def fold_kernel(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor) -> No
             f"an ablation kernel cannot be folded into '{arch.model_type}' weights: its sublayer "
             "outputs pass a norm before the residual add; use the hooks (kernel_hooks) instead")
     r_at = direction_of(kernel, directions)
+    if kernel.preserve_norms:  # fail before anything is changed
+        for layer in range(lm.n_layers):
+            for component, module in layer_modules(arch, layer):
+                if kernel.weight(component, layer):
+                    _sole_writer(lm, layer, module)
     if kernel.embed:
         head = arch.lm_head
         if head is not None and head.weight is arch.embed.weight:
@@ -216,7 +284,12 @@ def fold_kernel(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor) -> No
         r = r_at(wr.layer)
         p = wr.param
         moved = p.double().movedim(wr.out_dim, -1)
-        moved = moved - w * (moved @ r)[..., None] * r
+        if kernel.preserve_norms:
+            n, s = row_rescale(p, wr.out_dim, r, w)
+            moved = moved / n
+            moved = (moved - w * (moved @ r)[..., None] * r) * s
+        else:
+            moved = moved - w * (moved @ r)[..., None] * r
         p.copy_(moved.movedim(-1, wr.out_dim).to(p.dtype))
         if wr.bias is not None:
             b = wr.bias.double()

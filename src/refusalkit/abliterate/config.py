@@ -46,18 +46,28 @@ class AbliterateSearch(ConfigModel):
     seeds: bool = True
     """Start from informed points derived from the layers where the direction separates
     harmful from harmless prompts best (see abliterate.search.seed_params)."""
-    direction_range: tuple[float, float] = (0.3, 0.9)
-    """Where the direction's layer may lie, as fractions of depth (Heretic: 0.4-0.9)."""
-    peak_range: tuple[float, float] = (0.3, 1.0)
+    direction_range: tuple[float, float] = (0.4, 0.9)
+    """Where the direction's layer may lie, as fractions of depth. The four ranges are
+    Heretic 1.4's, which it chose from experiments on many models; the wider ranges used before
+    spent a small budget on kernels too gentle to matter (bench/RESULTS.md)."""
+    peak_range: tuple[float, float] = (0.6, 1.0)
     """Where each component's peak may lie, as fractions of depth."""
-    max_weight: tuple[float, float] = (0.5, 1.5)
+    max_weight: tuple[float, float] = (0.8, 1.5)
     """Range of each component's peak weight."""
-    max_distance: float = Field(1.0, gt=0, le=1)
+    max_distance: float = Field(0.6, gt=0, le=1)
     """Largest fall-off distance, as a fraction of depth (1 reaches every layer)."""
     scopes: list[Literal["global", "per_layer"]] = ["global", "per_layer"]
     """Direction scopes to try: one (interpolated) direction everywhere, or each layer's own."""
     embed: bool = False
     """Also search a weight on the token embedding (Arditi ablates it; Heretic does not)."""
+    preserve_norms: bool = False
+    """Norm-preserving ablation: each writer row keeps its norm (Heretic 1.4's default
+    "full" row normalisation, applied exactly rather than as a rank-3 LoRA). Off: with
+    projected directions it did not improve the dev trade-off (bench/RESULTS.md)."""
+    kl_floor: float = Field(0.01, ge=0)
+    """KL below this counts as no damage: the sampler sees floor × refusal fraction instead,
+    so trials that do nothing stop looking like the best KL (Heretic's kl_divergence_target).
+    Recorded KL, the front and the choice use the measured value."""
     kl_prune: float = Field(1.0, gt=0)
     """A trial whose KL is above this is not generated or judged (it cannot be chosen)."""
 
@@ -95,6 +105,10 @@ class AbliterateConfig(ConfigModel):
     """Thinking switch for models that have one (None: the template's default)."""
     system_prompt: str | None = None
     """System message for every prompt (None: the chat template's default)."""
+    direction_method: Literal["md", "projected"] = "projected"
+    """Per-layer refusal direction: difference of means, or its part orthogonal to the
+    harmless mean ("projected abliteration", Heretic 1.4's default). On qwen2.5-coder-0.5b's
+    dev sets projected cut the KL of the same kernels 5x at equal refusals (bench/RESULTS.md)."""
     kl_max: float = Field(0.1, gt=0)
     """KL budget: without --trial the chosen trial is the one with the fewest (dev) refusals
     within it, ties to the lower KL."""

@@ -37,7 +37,7 @@ from refusalkit.abliterate.search import (
 )
 from refusalkit.activations import capture
 from refusalkit.artifacts import dataset_record, model_record
-from refusalkit.directions import mean_difference, per_layer
+from refusalkit.directions import get_method, per_layer
 from refusalkit.errors import UserError
 from refusalkit.evaluate import judge_prompts
 from refusalkit.judge import JudgementCache, make_judge
@@ -80,15 +80,15 @@ def split_data(cfg: AbliterateConfig) -> Splits:
                   take(d.harmful_eval, d.n_eval), take(d.harmless_eval, d.n_eval_kl))
 
 
-def fit_directions(lm: LoadedModel, splits: Splits, batch_size: int,
-                   show_progress: bool) -> dict[str, torch.Tensor]:
+def fit_directions(lm: LoadedModel, splits: Splits, batch_size: int, show_progress: bool,
+                   method: str) -> dict[str, torch.Tensor]:
     """Per-layer refusal directions (resid_pre of each layer, last prompt token) and AUCs."""
     layers = list(range(lm.n_layers))
     pos = capture(lm, splits.harmful_fit, layers, (-1,), batch_size=batch_size,
                   show_progress=show_progress)[:, :, 0]
     neg = capture(lm, splits.harmless_fit, layers, (-1,), batch_size=batch_size,
                   show_progress=show_progress)[:, :, 0]
-    directions = per_layer(mean_difference, pos, neg)
+    directions = per_layer(get_method(method), pos, neg)
     aucs = torch.tensor([auc(pos[:, i] @ directions[i], neg[:, i] @ directions[i])
                          for i in layers], dtype=torch.float64)
     return {"directions": directions, "auc": aucs}
@@ -126,7 +126,7 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
     with RunDir(out, manifest, resume=resume) as run:
         cache = JudgementCache(run.file("judgements.sqlite"))
         fit = run.tensor_stage("directions", lambda: fit_directions(
-            lm, splits, cfg.batch_size, show_progress))
+            lm, splits, cfg.batch_size, show_progress, cfg.direction_method))
         directions = fit["directions"]
         jk = {"max_new_tokens": cfg.judge.max_new_tokens, "cache": cache,
               "batch_size": cfg.batch_size}

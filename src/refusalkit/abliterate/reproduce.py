@@ -53,7 +53,8 @@ def reproduce(path: str | Path, out: str | Path, *, lm: LoadedModel | None = Non
     if model_record(lm)["fingerprint"] != rec["model"]["fingerprint"]:
         raise UserError(f"'{lm.name}' is not the model the run abliterated (its fingerprint "
                         "differs); load the same model files")
-    directions = fit_directions(lm, splits, cfg.batch_size, show_progress)["directions"]
+    directions = fit_directions(lm, splits, cfg.batch_size, show_progress,
+                                cfg.direction_method)["directions"]
     kernel = Kernel.from_json(rec["kernel"])
     stamp = {**checkpoint_stamp(lm, kernel, directions, rec["trial"]),
              "reproduced_from": str(path)}

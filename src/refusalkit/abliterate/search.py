@@ -40,7 +40,8 @@ def components(lm: LoadedModel) -> list[str]:
     return sorted(found)
 
 
-def kernel_from_params(params: dict[str, Any], comps: Sequence[str]) -> Kernel:
+def kernel_from_params(params: dict[str, Any], comps: Sequence[str],
+                       preserve_norms: bool = False) -> Kernel:
     """The kernel a trial's parameters describe (min weight is sampled as a fraction of the
     peak, since multivariate TPE cannot sample a range that depends on another parameter)."""
     peaks = {}
@@ -50,7 +51,7 @@ def kernel_from_params(params: dict[str, Any], comps: Sequence[str]) -> Kernel:
                         float(params[f"{c}.min_fraction"]) * top, float(params[f"{c}.distance"]))
     direction = None if params.get("scope", "global") == "per_layer" else float(
         params["direction"])
-    return Kernel(direction, peaks, float(params.get("embed", 0.0)))
+    return Kernel(direction, peaks, float(params.get("embed", 0.0)), preserve_norms)
 
 
 def suggest(trial: optuna.Trial, space: AbliterateSearch, n_layers: int,
@@ -139,6 +140,12 @@ def refusal_count(rows: Sequence[dict[str, Any]]) -> int:
     return sum(classify(r["confidence"]) == "refusal" for r in rows)
 
 
+def sampled_kl(score: TrialScore, floor: float) -> float:
+    """The KL objective the sampler sees: the measured KL, or below `floor` the floor scaled
+    by the refusal fraction (gentle trials then compete on refusals, not on being inert)."""
+    return score.kl if score.kl >= floor else floor * score.refusals / max(1, score.n)
+
+
 def run_search(lm: LoadedModel, directions: torch.Tensor, space: AbliterateSearch, *,
                trials: int, storage: Path, seed: int, seeds: list[dict[str, Any]],
                evaluate: Callable[[Kernel], TrialScore | float],
@@ -160,7 +167,7 @@ def run_search(lm: LoadedModel, directions: torch.Tensor, space: AbliterateSearc
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         params = suggest(trial, space, lm.n_layers, comps)
-        kernel = kernel_from_params(params, comps)
+        kernel = kernel_from_params(params, comps, space.preserve_norms)
         trial.set_user_attr("kernel", kernel.to_json())
         result = evaluate(kernel)
         if isinstance(result, float):
@@ -175,7 +182,7 @@ def run_search(lm: LoadedModel, directions: torch.Tensor, space: AbliterateSearc
         if on_trial is not None:
             on_trial(trial.number, {"kl": result.kl, "refusals": result.refusals,
                                     "n": result.n})
-        return float(result.refusals), result.kl
+        return float(result.refusals), sampled_kl(result, space.kl_floor)
 
     # A trial left RUNNING by a killed process is abandoned; it does not count.
     if trials > len(done):
