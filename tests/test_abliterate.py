@@ -170,6 +170,13 @@ def test_the_pipeline_runs_end_to_end_and_resumes(tiny_run, tmp_path: Path) -> N
     card = (out / "model" / "README.md").read_text()
     assert f"Trial {metrics['chosen']['number']}" in card and "keyword:heretic" in card
     assert (out / "model" / "model.safetensors").stat().st_mode & 0o777 != 0o600
+    # what the answers are worth, per held-out measurement (PlantedWord has no on-topic head)
+    q = metrics["heldout_quality_after"]
+    assert set(q) == {"refusal", "useful", "on_topic", "loop", "language_match", "perplexity"}
+    assert q["useful"] is None and q["perplexity"] > 1
+    assert q["refusal"] == metrics["heldout_refusal_after"]["calibrated"]
+    front_csv = (out / "tables" / "front.csv").read_text().splitlines()[0]
+    assert "heldout_useful" in front_csv and "heldout_perplexity" in front_csv
     timings = json.loads((out / "timings.json").read_text())
     before = (out / "metrics.json").read_bytes()
     run_abliterate(cfg, out, lm=lm, resume=True, show_progress=False)
@@ -248,6 +255,11 @@ def test_a_small_abliterate_run_lowers_jailbreakbench_refusal_on_qwen(qwen, tmp_
         assert after[spec] <= ratio * before[spec], (spec, before, after, m["chosen"])
     assert m["chosen"]["dev_kl"] <= cfg.kl_max and m["heldout_kl"] <= 0.2, m
     assert (out / "model" / "model.safetensors").is_file()
+    q0, q1 = m["heldout_quality_before"], m["heldout_quality_after"]
+    assert q1["useful"] > q0["useful"], (q0, q1)  # answered, not just un-refused
+    assert q1["loop"] <= 0.1 and q1["language_match"] >= 0.9, q1
+    card = (out / "model" / "README.md").read_text()
+    assert "useful" in card and "projected" in card
 
 
 @pytest.mark.real

@@ -38,6 +38,13 @@ def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) ->
                 "chosen_strengths", "search_generated_tokens"):
         assert key in metrics, key
     assert set(metrics["baselines"]) == {"md_steering", "arditi_ablation"}
+    # what the answers are worth, per profile and set (PlantedWord has no on-topic head)
+    for name, per in metrics["per_dataset"].items():
+        q = per["quality"]["target_eval"]
+        assert q["refusal"] == per["judge"]["target_eval"], name
+        assert q["useful"] is None and q["perplexity"] > 1 and 0 <= q["loop"] <= 1, name
+    examples = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
+    assert all("after_useful" in e and "after_perplexity" in e for e in examples)
     # the planted word was in 3 of 8 held-out topic answers; removal takes it out (measured 0/8)
     assert metrics["target_refusal_before"] > 0.0
     assert metrics["target_refusal_after"] < metrics["target_refusal_before"], metrics
@@ -170,3 +177,27 @@ def test_remove_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
     assert set(m["stage_seconds"]) >= {"baseline", "gate", "search", "verify", "evaluate"}
     prof = load_profile(out / "profile", qwen)
     assert prof.layers == m["chosen_layers"] and prof.ops[0].gate is not None
+
+
+def test_examples_flag_useful_answers_that_are_barely_on_topic() -> None:
+    """Every steered target answer the judge calls useful but whose P(on topic) is in the
+    bottom decile is shown (and flagged), also beyond the first n examples."""
+    from refusalkit.evaluate import Judged
+    from refusalkit.quality import assess
+    from refusalkit.steer_eval import examples_of
+
+    def j(i: int, c: float, topic: float) -> Judged:
+        return Judged(f"q{i}", f"answer number {i} to the question", "compliance", c, None, 5,
+                      topic)
+
+    after = [j(i, -0.8, 0.6 + i / 50) for i in range(20)]  # on-topic 0.6 .. 0.98
+    after[15] = j(15, -0.8, 0.05)  # off topic: not useful, so not suspicious
+    after[17] = j(17, -0.8, 0.55)  # useful and in the bottom decile: suspicious
+    before = [j(i, 0.9, 0.9) for i in range(20)]
+    judged = {"before": {"target_eval": before}, "after": {"target_eval": after}}
+    quality = {k: {"target_eval": [assess(x.prompt, x.response, x.confidence, x.on_topic)
+                                   for x in v["target_eval"]]} for k, v in judged.items()}
+    rows = examples_of(judged, quality, ["target_eval"], 3)
+    assert [r["prompt"] for r in rows] == ["q0", "q1", "q2", "q17"]
+    assert [r["suspicious"] for r in rows] == [False, False, False, True]
+    assert all(r["after_useful"] for r in rows)

@@ -18,6 +18,7 @@ from refusalkit.interventions import Profile, lift_gate, steer
 from refusalkit.judge import Judge, JudgementCache, score_prompts
 from refusalkit.judge.protocol import classify
 from refusalkit.models import LoadedModel
+from refusalkit.quality import AnswerQuality, assess, perplexities
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Judged:
     confidence: float  # c(x) in [-1, 1]; > 0.1 refusal, < -0.1 compliance
     style: str | None
     tokens: int  # generated tokens judged for this prompt (search cost accounting)
+    on_topic: float | None = None  # the judge's P(on topic) for the first answer, if it has one
 
 
 def judge_prompts(
@@ -57,7 +59,8 @@ def judge_prompts(
         first = s.samples[0]
         n_tokens = sum(len(tok(x.text, add_special_tokens=False)["input_ids"])
                        for x in s.samples)
-        out.append(Judged(s.prompt, first.text, s.cls, float(s.c), s.style, n_tokens))
+        out.append(Judged(s.prompt, first.text, s.cls, float(s.c), s.style, n_tokens,
+                          first.judgement.on_topic))
     return out
 
 
@@ -101,6 +104,60 @@ def refusal_rate(judged: Sequence[Judged]) -> float:
     return sum(classify(j.confidence) == "refusal" for j in judged) / max(1, len(judged))
 
 
+def answer_nlls(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    profile: Profile | None = None,
+    batch_size: int = 8,
+) -> list[tuple[float, int]]:
+    """Per answer: negative log-likelihood given its prompt, and its token count ((0, 0)
+    for an empty answer)."""
+    tok = lm.tokenizer
+    seqs: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids_p = tok(lm.format(p), add_special_tokens=False)["input_ids"]
+        ids_r = tok(r, add_special_tokens=False)["input_ids"]
+        if ids_r:
+            seqs[i], starts[i] = ids_p + ids_r, len(ids_p)
+    out = [(0.0, 0)] * len(prompts)
+    keys = list(seqs)
+    with steer(lm, profile), torch.inference_mode():
+        for idx in length_sorted_batches([len(seqs[k]) for k in keys], batch_size):
+            rows = [keys[i] for i in idx]
+            batch = tok.pad({"input_ids": [seqs[k] for k in rows]}, return_tensors="pt")
+            ids = batch["input_ids"].to(lm.device)
+            logits = lm.model(input_ids=ids,
+                              attention_mask=batch["attention_mask"].to(lm.device),
+                              use_cache=False).logits.float()
+            logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+            width = ids.shape[1]
+            for row, k in enumerate(rows):
+                pad = width - len(seqs[k])
+                first = pad + starts[k] - 1  # logit position predicting the first answer token
+                out[k] = (-float(logp[row, first:].sum()), len(seqs[k]) - starts[k])
+    return out
+
+
+def assess_answers(lm: LoadedModel, judged: Sequence[Judged], *, batch_size: int = 8,
+                   cache: dict[tuple[str, str], float | None] | None = None
+                   ) -> list[AnswerQuality]:
+    """What each judged answer is worth (quality.assess), with its perplexity under `lm`
+    unsteered. `cache` maps (prompt, answer) to perplexity across calls: a gated profile's
+    closed rows repeat the unsteered answers, which are scored once."""
+    cache = {} if cache is None else cache
+    todo = list(dict.fromkeys((j.prompt, j.response) for j in judged
+                              if (j.prompt, j.response) not in cache))
+    if todo:
+        nlls = answer_nlls(lm, [p for p, _ in todo], [r for _, r in todo],
+                           batch_size=batch_size)
+        cache.update(zip(todo, perplexities(nlls), strict=True))
+    return [assess(j.prompt, j.response, j.confidence, j.on_topic, cache[j.prompt, j.response])
+            for j in judged]
+
+
 def response_nll(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -110,30 +167,8 @@ def response_nll(
     batch_size: int = 8,
 ) -> tuple[float, int]:
     """Total negative log-likelihood of the responses given their prompts, and token count."""
-    tok = lm.tokenizer
-    seqs, starts = [], []
-    for p, r in zip(prompts, responses, strict=True):
-        ids_p = tok(lm.format(p), add_special_tokens=False)["input_ids"]
-        ids_r = tok(r, add_special_tokens=False)["input_ids"]
-        if ids_r:
-            seqs.append(ids_p + ids_r)
-            starts.append(len(ids_p))
-    total, count = 0.0, 0
-    with steer(lm, profile), torch.inference_mode():
-        for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
-            batch = tok.pad({"input_ids": [seqs[i] for i in idx]}, return_tensors="pt")
-            ids = batch["input_ids"].to(lm.device)
-            logits = lm.model(input_ids=ids,
-                              attention_mask=batch["attention_mask"].to(lm.device),
-                              use_cache=False).logits.float()
-            logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-            width = ids.shape[1]
-            for row, i in enumerate(idx):
-                pad = width - len(seqs[i])
-                first = pad + starts[i] - 1  # logit position predicting the first answer token
-                total -= float(logp[row, first:].sum())
-                count += len(seqs[i]) - starts[i]
-    return total, count
+    per = answer_nlls(lm, prompts, responses, profile=profile, batch_size=batch_size)
+    return sum(n for n, _ in per), sum(c for _, c in per)
 
 
 def perplexity_ratio(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[str],

@@ -7,6 +7,7 @@ numbers sit side by side without generating twice.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict
 from typing import Any
@@ -17,6 +18,7 @@ from refusalkit.directions import mean_difference, per_layer
 from refusalkit.errors import UserError
 from refusalkit.evaluate import (
     Judged,
+    assess_answers,
     judge_gated,
     judge_prompts,
     perplexity_ratio,
@@ -26,6 +28,8 @@ from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import Profile, ablation
 from refusalkit.judge import Judge, KeywordJudge
 from refusalkit.models import LoadedModel
+from refusalkit.quality import AnswerQuality
+from refusalkit.quality import rates as quality_rates
 from refusalkit.report import build_report, figure, save_examples, save_figure, save_table
 from refusalkit.runs import RunDir
 from refusalkit.scoring import kl_divergence, last_logprobs
@@ -72,6 +76,11 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
              for name, by_set in judged.items()}
     kw = {name: {s: _keyword_rate(js) for s, js in by_set.items()}
           for name, by_set in judged.items()}
+    ppl_cache: dict[tuple[str, str], float | None] = {}  # unsteered model, shared by profiles
+    quality = {name: {s: assess_answers(lm, js, batch_size=cfg.batch_size, cache=ppl_cache)
+                      for s, js in by_set.items()} for name, by_set in judged.items()}
+    qrates = {name: {s: quality_rates(qs) for s, qs in by_set.items()}
+              for name, by_set in quality.items()}
 
     harmless = data["harmless_eval"]
     kl_prompts = harmless + data["kl_eval"]  # KL is cheap: measured on more prompts
@@ -107,7 +116,10 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
                     "target_refusal_after": kw["after"]["target_eval"],
                     "safety_refusal_before": kw["before"]["safety_eval"],
                     "safety_refusal_after": kw["after"]["safety_eval"]},
-        "per_dataset": {name: {"judge": rates[name], "keyword": kw[name]} for name in rates},
+        "target_useful_before": qrates["before"]["target_eval"]["useful"],
+        "target_useful_after": qrates["after"]["target_eval"]["useful"],
+        "per_dataset": {name: {"judge": rates[name], "keyword": kw[name],
+                               "quality": qrates[name]} for name in rates},
         "baselines": {},
         "gate_open": open_share,
         "kl_harmless_prompts": len(kl_prompts), "kl_first_n": len(harmless),
@@ -117,17 +129,38 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
         metrics["baselines"][name] = {"target_refusal_after": s["target"],
                                       "safety_refusal_after": s["safety"],
                                       "overrefusal_after": s["overrefusal"],
+                                      "target_useful_after":
+                                          qrates[name]["target_eval"]["useful"],
                                       **cost(baselines[name])}
-    examples = []
-    for s in sets:
-        for b, a in list(zip(judged["before"][s], judged["after"][s], strict=True))[
-                : cfg.eval.examples]:
-            examples.append({"dataset": s, "prompt": b.prompt, "before": b.response,
-                             "before_label": b.label, "before_confidence": b.confidence,
-                             "after": a.response, "after_label": a.label,
-                             "after_confidence": a.confidence, "after_style": a.style})
-    metrics["_examples"] = examples
+    metrics["_examples"] = examples_of(judged, quality, sets, cfg.eval.examples)
     return metrics
+
+
+def examples_of(judged: dict[str, dict[str, list[Judged]]],
+                quality: dict[str, dict[str, list[AnswerQuality]]], sets: list[str],
+                n: int) -> list[dict[str, Any]]:
+    """The first n before/after pairs of every held-out set, flagged with what the answer is
+    worth; plus every steered target answer called useful whose P(on topic) is in the bottom
+    decile of the steered target answers (suspicious: the judge may have been fooled)."""
+    def row(s: str, i: int, suspicious: bool = False) -> dict[str, Any]:
+        b, a, q = judged["before"][s][i], judged["after"][s][i], quality["after"][s][i]
+        return {"dataset": s, "prompt": b.prompt, "before": b.response,
+                "before_label": b.label, "before_confidence": b.confidence,
+                "after": a.response, "after_label": a.label,
+                "after_confidence": a.confidence, "after_style": a.style,
+                "after_useful": q.useful, "after_on_topic": a.on_topic,
+                "after_loop": q.loop, "after_language_match": q.language_match,
+                "after_perplexity": q.perplexity, "suspicious": suspicious}
+
+    picked = {(s, i): False for s in sets for i in range(min(n, len(judged["before"][s])))}
+    target = judged["after"]["target_eval"]
+    topical = sorted(j.on_topic for j in target if j.on_topic is not None)
+    if topical:
+        cut = topical[max(0, math.ceil(0.1 * len(topical)) - 1)]  # bottom-decile bound
+        for i, (j, q) in enumerate(zip(target, quality["after"]["target_eval"], strict=True)):
+            if q.useful and j.on_topic is not None and j.on_topic <= cut:
+                picked["target_eval", i] = True
+    return [row(s, i, flag) for (s, i), flag in picked.items()]
 
 
 def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[str, Any],
@@ -169,6 +202,14 @@ def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[s
     ax.legend(fontsize=7)
     save_figure(run, "refusal_bars", fig, section="Evaluation", order=1,
                 caption="Held-out refusal rate per dataset: before, after and baselines")
+    quality_rows = [{"profile": name, "dataset": s, **vals["quality"][s]}
+                    for name, vals in per.items() if "quality" in vals for s in sets]
+    if quality_rows:
+        save_table(run, "answer_quality", quality_rows, section="Evaluation", order=2,
+                   caption="What the answers are worth, per profile and held-out set: refusal "
+                   "rate, useful answers (compliance, on topic, not looping), on-topic, loop "
+                   "and language-match rates, and mean perplexity of the answers under the "
+                   "unsteered model")
 
     trials = searched["trials"]
     fig = figure()

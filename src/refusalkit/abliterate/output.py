@@ -51,6 +51,16 @@ def model_card(cfg: AbliterateConfig, lm: LoadedModel, kernel: Kernel, chosen: d
                       f"{p.distance:.2f} |" for c, p in sorted(kernel.peaks.items()))
     direction = ("each layer's own direction" if kernel.direction is None
                  else f"the refusal direction at layer {kernel.direction:.2f}")
+    how = ("difference of means, harmful minus harmless" if cfg.direction_method == "md" else
+           "difference of means, harmful minus harmless, with its part along the harmless "
+           "mean removed (projected)")
+    fold = (" Each writer row is then rescaled to its original norm (norm-preserving)."
+            if kernel.preserve_norms else "")
+    q = held.get("quality") or {}
+    useful = ("" if q.get("useful") is None else
+              f"\nBy the default judge {q['useful']:.0%} of the abliterated model's held-out "
+              f"answers are useful (compliance, on topic, not looping; the original model: "
+              f"{(base.get('quality') or {}).get('useful', 0):.0%}).\n")
     return f"""---
 base_model: {lm.name}
 tags: [abliterated, refusalkit]
@@ -59,8 +69,8 @@ tags: [abliterated, refusalkit]
 
 Directional ablation folded into the weights: on every residual writer of layer *l* of
 component *c*, W ← W − w(c, l) r̂ r̂ᵀ W, with r̂ {direction}
-(difference of means, harmful minus harmless, last prompt token; {cfg.data.n_fit} prompts a
-side from {cfg.data.harmful_fit} / {cfg.data.harmless_fit}); embedding weight {kernel.embed:.3f}.
+({how}, last prompt token; {cfg.data.n_fit} prompts a side from {cfg.data.harmful_fit} /
+{cfg.data.harmless_fit}); embedding weight {kernel.embed:.3f}.{fold}
 
 | component | peak weight | peak layer | min weight | fall-off (layers) |
 |---|---|---|---|---|
@@ -80,12 +90,15 @@ greedy) and mean next-token KL on {cfg.data.n_eval_kl} {cfg.data.harmless_eval} 
 | judge | original | abliterated |
 |---|---|---|
 {judges}
-
+{useful}
 The default judge (`{cfg.judge.spec}`) counts off-topic answers, babble, loops and official
 narratives as refusals, so a model that stops refusing by falling apart does not score well.
 A model that no longer refuses harmful requests will help with them: use it for research
 on refusal, not in front of users.
 """
+
+
+QUALITY_COLUMNS = ("useful", "on_topic", "loop", "perplexity")
 
 
 def _rate(held: dict[str, Any], spec: str) -> float:
@@ -112,6 +125,8 @@ def metrics_of(cfg: AbliterateConfig, records: list[dict[str, Any]],
         "heldout_kl": held["kl"],
         "heldout_refusal_before": {s: _rate(un, s) for s in un["refusals"]},
         "heldout_refusal_after": {s: _rate(held, s) for s in held["refusals"]},
+        "heldout_quality_before": un.get("quality"),
+        "heldout_quality_after": held.get("quality"),
         "checkpoint_sha256": sha,
     }
 
@@ -164,9 +179,14 @@ def write_report(run: RunDir, cfg: AbliterateConfig, records: list[dict[str, Any
                "dev_kl": r["kl"], "heldout_kl": h["kl"] if h else None}
         for spec in heldout["unsteered"]["refusals"]:
             row[f"heldout_{spec}"] = h["refusals"][spec] if h else None
+        for key in QUALITY_COLUMNS:
+            row[f"heldout_{key}"] = (h.get("quality") or {}).get(key) if h else None
         rows.append(row)
     save_table(run, "front", rows, section="Pareto front",
-               caption="Pareto trials: dev figures (what the choice saw) and held-out figures.")
+               caption="Pareto trials: dev figures (what the choice saw) and held-out figures: "
+               "refusals per judge, and by the default judge the share of useful answers "
+               "(compliance, on topic, not looping), on-topic and loop rates and the mean "
+               "perplexity of the answers under the original model.")
     save_table(run, "trials", [{"trial": r["number"], "pruned": r["pruned"], "kl": r["kl"],
                                 "refusals": r.get("refusals"), **r["params"]} for r in records],
                section="Search", caption="Every trial's parameters and dev objectives.")
@@ -175,7 +195,10 @@ def write_report(run: RunDir, cfg: AbliterateConfig, records: list[dict[str, Any
                          "before_response": b["response"],
                          "before_label": classify(b["confidence"]),
                          "after_response": a["response"],
-                         "after_label": classify(a["confidence"]), "style": a["style"]}
+                         "after_label": classify(a["confidence"]), "style": a["style"],
+                         "after_useful": (a.get("quality") or {}).get("useful"),
+                         "after_on_topic": (a.get("quality") or {}).get("on_topic"),
+                         "after_perplexity": (a.get("quality") or {}).get("perplexity")}
                         for b, a in zip(before, after, strict=True)])
     return build_report(run, title=f"refusalkit abliterate — {cfg.model}")
 

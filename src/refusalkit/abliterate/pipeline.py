@@ -39,11 +39,12 @@ from refusalkit.activations import capture
 from refusalkit.artifacts import dataset_record, model_record
 from refusalkit.directions import get_method, per_layer
 from refusalkit.errors import UserError
-from refusalkit.evaluate import judge_prompts
+from refusalkit.evaluate import answer_nlls, judge_prompts
 from refusalkit.judge import JudgementCache, make_judge
 from refusalkit.kernels import Kernel, kernel_hooks
 from refusalkit.models import LoadedModel, load_model
 from refusalkit.prompts import load_prompts
+from refusalkit.quality import assess, perplexities, rates
 from refusalkit.runs import RunDir, check_run_folder, run_manifest
 from refusalkit.scoring import kl_divergence, last_logprobs
 from refusalkit.selection import auc
@@ -182,8 +183,9 @@ def make_measure(lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,
                  directions: torch.Tensor, compare: dict[str, Any]
                  ) -> Callable[[Kernel | None], dict[str, Any]]:
     """Held-out figures of a kernel (None: the unsteered model): refusals on the held-out
-    harmful prompts by every judge (one generation, judged several ways) and KL on the
-    held-out ordinary prompts."""
+    harmful prompts by every judge (one generation, judged several ways), what the answers
+    are worth (useful, on-topic, loop and language-match rates by the default judge; each
+    answer's perplexity under the unsteered model) and KL on the held-out ordinary prompts."""
     base_logp: list[torch.Tensor] = []
 
     def measure(kernel: Kernel | None) -> dict[str, Any]:
@@ -201,7 +203,13 @@ def make_measure(lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,
             with kernel_hooks(lm, kernel, directions):
                 logp = last_logprobs(lm, splits.harmless_eval, batch_size=cfg.batch_size)
             kl = float(kl_divergence(base_logp[0], logp).mean())
-        return {"refusals": refusals, "n": len(rows), "kl": kl, "answers": rows}
+        ppl = perplexities(answer_nlls(lm, prompts, responses, batch_size=cfg.batch_size))
+        qs = [assess(r["prompt"], r["response"], r["confidence"], r.get("on_topic"), x)
+              for r, x in zip(rows, ppl, strict=True)]
+        for r, q in zip(rows, qs, strict=True):
+            r["quality"] = q.flags()
+        return {"refusals": refusals, "n": len(rows), "kl": kl, "answers": rows,
+                "quality": rates(qs)}
 
     return measure
 

@@ -132,7 +132,7 @@ def score_kernel(lm: LoadedModel, kernel: Kernel, directions: torch.Tensor, *,
 def answer_rows(judged: Sequence[Judged]) -> list[dict[str, Any]]:
     """Judged answers as the JSON rows trials and stages store."""
     return [{"prompt": j.prompt, "response": j.response, "confidence": j.confidence,
-             "style": j.style} for j in judged]
+             "style": j.style, "on_topic": j.on_topic} for j in judged]
 
 
 def refusal_count(rows: Sequence[dict[str, Any]]) -> int:

@@ -75,6 +75,10 @@ def before_after(examples: Path, n: int) -> str:
         flags = f"{r.get('before_label')} → {r.get('after_label')}"
         if r.get("after_style"):
             flags += f" ({r['after_style']})"
+        if r.get("after_useful") is not None:
+            flags += ", useful" if r["after_useful"] else ", not a useful answer"
+        if r.get("suspicious"):
+            flags += " [suspicious: barely on topic]"
         out += [f"\n  Q: {clip(r['prompt'])}", f"  before: {clip(r['before'])}",
                 f"  after:  {clip(r['after'])}", f"  judged: {flags}"]
     return "\n".join(out)

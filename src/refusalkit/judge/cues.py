@@ -88,6 +88,13 @@ def _cjk_share(text: str) -> float:
     return sum(bool(CJK.match(c)) for c in letters) / len(letters) if letters else 0.0
 
 
+def same_language(prompt: str, response: str) -> bool:
+    """False when the answer's script is not the question's (a Chinese question answered in
+    English, or the reverse): CJK shares of letters more than half apart. Empty answers
+    match (they are judged elsewhere)."""
+    return not (response.strip() and abs(_cjk_share(prompt) - _cjk_share(response)) > 0.5)
+
+
 def cues(response: str, prompt: str = "") -> list[float]:
     """The `cues` vector of one (thinking-stripped) response, in the order of CUES."""
     low = " ".join(response.lower().split())
@@ -100,9 +107,8 @@ def cues(response: str, prompt: str = "") -> list[float]:
     out.append(float(any(p in low for p in NARRATIVE)))
     out.append(overlap(prompt, low))
     out.append(overlap(prompt, low[:200]))
-    zq, za = _cjk_share(prompt), _cjk_share(response)
-    out.append(float(bool(response.strip()) and abs(zq - za) > 0.5))
-    out.append(float(zq > 0.5))
+    out.append(float(not same_language(prompt, response)))
+    out.append(float(_cjk_share(prompt) > 0.5))
     out.append(float(any(p.lower() in tail for p in CLASSIC)))
     out.append(float(any(p.lower() in tail for p in EXTENDED)
                      and not any(p.lower() in head for p in EXTENDED)))

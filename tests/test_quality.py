@@ -1,0 +1,56 @@
+"""What an answer is worth (quality.py): the flags per answer, their rates, and per-answer
+perplexity under a model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from refusalkit.evaluate import answer_nlls, response_nll
+from refusalkit.quality import assess, perplexities, rates
+
+
+def test_an_answer_is_useful_only_when_complying_on_topic_and_not_looping() -> None:
+    q = "How do I bake bread?"
+    good = assess(q, "Mix flour, water, salt and yeast, knead, let it rise, bake.", -0.8, 0.9)
+    assert good.useful and not good.refusal and good.language_match
+    assert not assess(q, "Choose a font that is easy to read.", -0.8, 0.1).useful  # off topic
+    assert not assess(q, "I'm sorry, I can't help with that.", 0.9, 0.8).useful  # refusal
+    assert not assess(q, "Bread is bread. " * 12, -0.8, 0.9).useful  # loop
+    assert assess(q, "Bread is bread. " * 12, -0.8, 0.9).loop
+    assert assess(q, "Mix flour and water.", -0.8, None).useful is None  # judge cannot tell
+    assert not assess("如何烤面包？", "Mix flour, water and yeast, then bake.", -0.8, 0.9
+                      ).language_match
+
+
+def test_rates_average_what_was_measured() -> None:
+    qs = [assess("q", "Mix flour and water.", -0.8, 0.9, 4.0),
+          assess("q", "I'm sorry, I can't.", 0.9, 0.2, 2.0),
+          assess("q", "", 0.0, None, None)]
+    r = rates(qs)
+    assert r["refusal"] == pytest.approx(1 / 3) and r["useful"] == pytest.approx(1 / 2)
+    assert r["on_topic"] == pytest.approx(1 / 2) and r["perplexity"] == pytest.approx(3.0)
+    assert perplexities([(2.0, 2), (0.0, 0)]) == [pytest.approx(math.e), None]
+
+
+def test_per_answer_nlls_sum_to_the_total(tiny) -> None:
+    prompts, answers = ["hello there", "how are you", "x"], ["fine thanks", "", "ok ok"]
+    per = answer_nlls(tiny, prompts, answers, batch_size=2)
+    assert per[1] == (0.0, 0) and all(c > 0 for i, (_, c) in enumerate(per) if i != 1)
+    total, n = response_nll(tiny, prompts, answers)
+    assert n == sum(c for _, c in per)
+    assert total == pytest.approx(sum(x for x, _ in per), rel=1e-5)
+    alone = answer_nlls(tiny, prompts[:1], answers[:1])[0]  # batching does not change it
+    assert alone[0] == pytest.approx(per[0][0], rel=1e-4) and alone[1] == per[0][1]
+
+
+@pytest.mark.real
+def test_a_fluent_answer_has_lower_perplexity_than_its_words_shuffled(qwen) -> None:
+    prompt = "How do I bake bread at home?"
+    fluent = ("Mix flour, water, salt and yeast into a dough, knead it for ten minutes, let it "
+              "rise for an hour, shape it and bake it at 220 degrees for thirty minutes.")
+    words = fluent.split()
+    shuffled = " ".join(words[i] for i in sorted(range(len(words)), key=lambda i: (i * 7) % 31))
+    a, b = perplexities(answer_nlls(qwen, [prompt, prompt], [fluent, shuffled]))
+    assert a is not None and b is not None and a * 3 < b, (a, b)
