@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from refusalkit.gates import gate_of
@@ -50,6 +51,29 @@ def test_choice_keeps_safety_and_prefers_the_gentler_of_near_ties() -> None:
             _row(0.20, 1.00, 0.5, 1)]
     chosen = _choose(rows, base, True, 0.9, list("abcd"))
     assert chosen is rows[2]
+
+
+def test_choice_prefers_useful_answers_over_fewer_refusals_when_the_judge_can_tell() -> None:
+    """Remove mode with on-topic judgements: the candidate whose answers are useful wins over
+    one that refuses less by babbling; the safety constraint still applies first."""
+    base = {"safety_fit": [{"prompt": p, "confidence": 1.0} for p in "abcd"]}
+    rows = [{**_row(0.00, 1.00, 2.0, 8), "target_useful": 0.10},  # no refusals, all babble
+            {**_row(0.25, 1.00, 1.0, 4), "target_useful": 0.60},
+            {**_row(0.10, 0.25, 1.0, 4), "target_useful": 0.90},  # loses the safety refusals
+            {**_row(0.50, 1.00, 0.5, 2), "target_useful": 0.40}]
+    assert _choose(rows, base, True, 0.9, list("abcd")) is rows[1]
+    rows[3]["target_useful"] = 0.58  # a near tie: the gentler one
+    assert _choose(rows, base, True, 0.9, list("abcd")) is rows[3]
+
+
+def test_proxy_agreement_is_the_rank_correlation_over_candidates() -> None:
+    from refusalkit.steer import proxy_agreement
+
+    rows = [{"target": t, "target_refusal": r, "target_useful": u}
+            for t, r, u in ((-3.0, 0.1, 0.2), (-2.0, 0.3, 0.5), (-1.0, 0.6, 0.4))]
+    agree = proxy_agreement(rows)
+    assert agree["refusal"] == pytest.approx(1.0) and agree["useful"] == pytest.approx(0.5)
+    assert proxy_agreement(rows[:2]) == {"refusal": None, "useful": None}
 
 
 def test_candidates_spread_from_the_strongest_to_the_gentlest_effective_trial(

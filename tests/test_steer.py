@@ -43,6 +43,7 @@ def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) ->
         q = per["quality"]["target_eval"]
         assert q["refusal"] == per["judge"]["target_eval"], name
         assert q["useful"] is None and q["perplexity"] > 1 and 0 <= q["loop"] <= 1, name
+    assert set(metrics["proxy_rank_agreement"]) == {"refusal", "useful"}
     examples = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
     assert all("after_useful" in e and "after_perplexity" in e for e in examples)
     # the planted word was in 3 of 8 held-out topic answers; removal takes it out (measured 0/8)

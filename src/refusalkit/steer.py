@@ -26,6 +26,8 @@ from refusalkit.judge import JudgementCache, make_judge
 from refusalkit.judge.guard import guarded
 from refusalkit.models import LoadedModel, load_model
 from refusalkit.prompts import load_prompts
+from refusalkit.quality import assess
+from refusalkit.quality import rates as quality_rates
 from refusalkit.runs import RunDir, check_run_folder, run_manifest
 from refusalkit.scoring import refusal_log_odds, refusal_token_ids
 from refusalkit.search import (
@@ -225,10 +227,13 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
                 ok = torch.ones(len(jkp), dtype=torch.bool)
             tokens += sum(j.tokens for j, o in zip(jt + jkp, ot.tolist() + ok.tolist(),
                                                    strict=True) if o)
-            rows.append({**cand, "target_refusal": refusal_rate(jt),
+            useful = quality_rates([assess(j.prompt, j.response, j.confidence, j.on_topic)
+                                    for j in jt])["useful"]
+            rows.append({**cand, "target_refusal": refusal_rate(jt), "target_useful": useful,
                          "keep_refusal": refusal_rate(jkp),
                          "gate_open_target": float(ot.double().mean())})
         return {"rows": rows, "generated_tokens": tokens,
+                "proxy_rank_agreement": proxy_agreement(rows),
                 "chosen": _choose(rows, base, remove, cfg.search.safety_keep, keep_proxy)}
 
     verified = run.stage("verify", verify)
@@ -259,6 +264,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
         "chosen_strengths": {str(k): v for k, v in profile.ops[0].strengths.items()},
         "gated": bool(chosen["params"].get("gate", False)),
         "search_generated_tokens": verified["generated_tokens"],
+        "proxy_rank_agreement": verified.get("proxy_rank_agreement"),
         "search_trials": len(searched["trials"]),
     })
     if gate is not None:
@@ -357,15 +363,39 @@ def _fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
 TIE = 0.05  # judged rates this close count as a tie (one or two prompts of a verify set)
 
 
+def proxy_agreement(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Spearman correlation, over the verified candidates, of the search's proxy target
+    objective (refusal log-odds) with the judged target refusal and useful-answer rates: does
+    the cheap proxy rank candidates the way the judged check does? (None: fewer than three
+    candidates, or a constant column.)"""
+    from scipy.stats import spearmanr
+
+    def rho(key: str) -> float | None:
+        pairs = [(r["target"], r[key]) for r in rows
+                 if r.get("target") is not None and r.get(key) is not None]
+        if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+            return None
+        return float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
+
+    return {"refusal": rho("target_refusal"), "useful": rho("target_useful")}
+
+
 def _choose(rows: list[dict[str, Any]], base: dict[str, Any], remove: bool, keep: float,
             keep_prompts: list[str]) -> dict[str, Any]:
-    """Lowest judged target refusal (remove) / highest (induce) that keeps the other side;
-    among candidates within TIE of the best, the one that steers least (coherence, KL)."""
+    """Remove: the highest useful-answer rate on the target (lowest judged refusal when the
+    judge cannot tell on-topic answers) among candidates that keep the safety refusals;
+    induce: the highest judged target refusal that keeps ordinary prompts answered. Among
+    candidates within TIE of the best, the one that steers least (coherence, KL)."""
     base_keep = {r["prompt"]: r["confidence"] > 0.1 for r in
                  base["safety_fit" if remove else "neutral"]}
     base_rate = sum(base_keep.get(p, False) for p in keep_prompts) / max(1, len(keep_prompts))
     if remove:
         ok = [r for r in rows if r["keep_refusal"] >= keep * base_rate] or rows
+        if all(r.get("target_useful") is not None for r in ok):
+            top = max(r["target_useful"] for r in ok)
+            near = [r for r in ok if r["target_useful"] >= top - TIE]
+            return min(near, key=lambda r: (_size(r), -r["target_useful"],
+                                            r["target_refusal"]))
         best = min(r["target_refusal"] for r in ok)
         near = [r for r in ok if r["target_refusal"] <= best + TIE]
         return min(near, key=lambda r: (_size(r), r["target_refusal"], -r["keep_refusal"]))
