@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from refusalkit.errors import UserError
@@ -173,9 +172,3 @@ def discover(model: nn.Module) -> Architecture:
         post_norms=post_norms,
         model_type=str(getattr(cfg, "model_type", "")),
     )
-
-
-def unit(v: torch.Tensor) -> torch.Tensor:
-    """`v` scaled to unit norm, computed in float64 for stability."""
-    v64 = v.double()
-    return (v64 / v64.norm().clamp_min(1e-12)).to(v.dtype)

@@ -14,12 +14,13 @@ from collections.abc import Callable, Mapping
 import torch
 
 from refusalkit.errors import UserError
+from refusalkit.geometry import unit
 
 Estimator = Callable[..., torch.Tensor]
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
-    return (v / v.norm().clamp_min(1e-12)).float()
+    return unit(v).float()
 
 
 def _check(pos: torch.Tensor, neg: torch.Tensor) -> None:

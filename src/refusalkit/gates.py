@@ -33,9 +33,9 @@ import torch
 from refusalkit.activations import MEAN_ALL, capture
 from refusalkit.directions import rmd
 from refusalkit.errors import UserError
+from refusalkit.geometry import auc
 from refusalkit.interventions import Gate
 from refusalkit.models import LoadedModel
-from refusalkit.selection import auc
 
 SHRINKS = (0.1, 1.0, 10.0, 100.0)
 

@@ -32,6 +32,7 @@ from refusalkit.artifacts import (
     write_artifact,
 )
 from refusalkit.errors import UserError
+from refusalkit.geometry import unit
 from refusalkit.kernels import arditi_kernel, fold_kernel
 from refusalkit.models import LoadedModel
 
@@ -131,13 +132,10 @@ def lift_gate(profile: Profile) -> Profile:
 def ablation(direction: torch.Tensor | Mapping[int, torch.Tensor], layers: list[int],
              phase: Phase = "both") -> Op:
     """Project a direction (unit-normalised here) out of the stream at the given layers."""
-    def unit(v: torch.Tensor) -> torch.Tensor:
-        return (v.double() / v.double().norm().clamp_min(1e-12)).float()
-
     if isinstance(direction, Mapping):
-        vectors = {layer: unit(direction[layer]) for layer in layers}
+        vectors = {layer: unit(direction[layer]).float() for layer in layers}
     else:
-        vectors = dict.fromkeys(layers, unit(direction))
+        vectors = dict.fromkeys(layers, unit(direction).float())
     return Op("ablate", vectors, {}, phase)
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from refusalkit.arch import Architecture, Writer
 from refusalkit.errors import UserError
+from refusalkit.geometry import unit
 from refusalkit.models import LoadedModel
 
 COMPONENTS = ("attn", "mlp")
@@ -100,15 +101,10 @@ def arditi_kernel(layer: int, n_layers: int) -> Kernel:
     return Kernel(float(layer), dict.fromkeys(COMPONENTS, flat), embed=1.0)
 
 
-def unit_rows(directions: torch.Tensor) -> torch.Tensor:
-    d = directions.double()
-    return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def direction_at(directions: torch.Tensor, index: float) -> torch.Tensor:
     """The unit direction at a fractional layer index: the two neighbours' unit directions
     interpolated linearly, then normalised (float64)."""
-    rows = unit_rows(directions)
+    rows = unit(directions)
     n = rows.shape[0]
     if not 0 <= index <= n - 1:
         raise UserError(f"direction index {index} is outside layers 0..{n - 1}")
@@ -140,7 +136,7 @@ def layer_modules(arch: Architecture, layer: int) -> list[tuple[str, nn.Module]]
 
 def direction_of(kernel: Kernel, directions: torch.Tensor) -> Callable[[int], torch.Tensor]:
     """layer -> the unit direction the kernel ablates there (float64), normalised once."""
-    rows = unit_rows(directions)
+    rows = unit(directions)
     if kernel.direction is None:
         return lambda layer: rows[layer]
     fixed = direction_at(directions, kernel.direction)

@@ -12,15 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from refusalkit.geometry import auc
 from refusalkit.interventions import Profile, ablation, addition
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import kl_divergence, last_logprobs, refusal_log_odds, refusal_token_ids
-
-
-def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    """P(score of a random positive > score of a random negative), ties counted half."""
-    p, n = pos.double()[:, None], neg.double()[None, :]
-    return float(((p > n).double() + 0.5 * (p == n).double()).mean())
 
 
 def layer_auc(pos: torch.Tensor, neg: torch.Tensor, directions: torch.Tensor) -> list[float]:

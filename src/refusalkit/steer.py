@@ -21,9 +21,11 @@ from refusalkit.directions import get_method, per_layer
 from refusalkit.errors import UserError
 from refusalkit.evaluate import Judged, judge_gated, judge_prompts, refusal_rate
 from refusalkit.gates import fit_gate, gate_of, gate_open, pool_position
+from refusalkit.geometry import auc
 from refusalkit.interventions import Gate, Profile, save_profile
 from refusalkit.judge import JudgementCache, make_judge
 from refusalkit.judge.guard import guarded
+from refusalkit.judge.protocol import THRESHOLD
 from refusalkit.models import LoadedModel, load_model
 from refusalkit.prompts import load_prompts
 from refusalkit.quality import assess
@@ -38,7 +40,6 @@ from refusalkit.search import (
     run_study,
     trial_record,
 )
-from refusalkit.selection import auc
 from refusalkit.steer_config import SteerConfig
 from refusalkit.steer_eval import arditi_baseline, arditi_profile, evaluate_all, write_report
 
@@ -173,12 +174,13 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
                     gate_rec["pool"])
     space = _space(lm, cfg)
     levels = _gaps_levels(acts, dirs["directions"], c_target, remove, c_safety)[1]
-    refused_idx = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] > 0.1]
-    answered_idx = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] < -0.1]
+    conf = [r["confidence"] for r in base["target_fit"]]
+    refused_idx = [i for i, c in enumerate(conf) if c > THRESHOLD]
+    answered_idx = [i for i, c in enumerate(conf) if c < -THRESHOLD]
     pick = refused_idx if remove else answered_idx or list(range(len(data["target_fit"])))
     target_proxy = [data["target_fit"][i] for i in pick][: cfg.data.n_proxy]
     if remove:
-        keep_proxy = [r["prompt"] for r in base["safety_fit"] if r["confidence"] > 0.1]
+        keep_proxy = [r["prompt"] for r in base["safety_fit"] if r["confidence"] > THRESHOLD]
     else:
         keep_proxy = list(data["neutral"])
     keep_proxy = keep_proxy[: cfg.data.n_proxy] or data["safety_fit"][: cfg.data.n_proxy]
@@ -291,7 +293,7 @@ def _classes(acts: dict[str, torch.Tensor], c: torch.Tensor, remove: bool,
         # prompts it answered, and neutral ones) — the refuse-vs-answer direction, added on
         # the topic. (A "refuse everything" system prompt was tried instead: its direction
         # encodes the system-prompt change and lowered refusal when added, measured on qwen.)
-        r_mask, a_mask = c_safety > 0.1, c < -0.1
+        r_mask, a_mask = c_safety > THRESHOLD, c < -THRESHOLD
         if int(r_mask.sum()) < 2:
             raise UserError("the model refused fewer than 2 safety_fit prompts at baseline; "
                             "inducing refusal needs examples of its own refusals (check the "
@@ -299,7 +301,7 @@ def _classes(acts: dict[str, torch.Tensor], c: torch.Tensor, remove: bool,
         complied = torch.cat([acts["target_fit"][a_mask], acts["neutral"]])
         w_c = torch.cat([c[a_mask].abs(), torch.ones(len(acts["neutral"]))])
         return acts["safety_fit"][r_mask], complied, c_safety[r_mask].abs(), w_c
-    r_mask, c_mask = c > 0.1, c < -0.1
+    r_mask, c_mask = c > THRESHOLD, c < -THRESHOLD
     refused, complied = acts["target_fit"][r_mask], acts["target_fit"][c_mask]
     w_r, w_c = c[r_mask].abs(), c[c_mask].abs()
     if len(complied) < 4:  # too few answered topic prompts: answered neutral prompts stand in
@@ -386,7 +388,7 @@ def _choose(rows: list[dict[str, Any]], base: dict[str, Any], remove: bool, keep
     judge cannot tell on-topic answers) among candidates that keep the safety refusals;
     induce: the highest judged target refusal that keeps ordinary prompts answered. Among
     candidates within TIE of the best, the one that steers least (coherence, KL)."""
-    base_keep = {r["prompt"]: r["confidence"] > 0.1 for r in
+    base_keep = {r["prompt"]: r["confidence"] > THRESHOLD for r in
                  base["safety_fit" if remove else "neutral"]}
     base_rate = sum(base_keep.get(p, False) for p in keep_prompts) / max(1, len(keep_prompts))
     if remove:

@@ -27,6 +27,7 @@ from refusalkit.evaluate import (
 from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import Profile, ablation
 from refusalkit.judge import Judge, KeywordJudge
+from refusalkit.judge.protocol import THRESHOLD
 from refusalkit.models import LoadedModel
 from refusalkit.quality import AnswerQuality
 from refusalkit.quality import rates as quality_rates
@@ -242,8 +243,8 @@ def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[s
 def arditi_baseline(lm: LoadedModel, acts: dict[str, Any], data: dict[str, list[str]],
                     base: dict[str, Any], cfg: Any) -> dict[str, Any]:
     """Arditi et al.: harmful-vs-harmless MD per layer, picked by bypass/induce/KL."""
-    refused = torch.tensor([r["confidence"] > 0.1 for r in base["safety_fit"]])
-    answered = torch.tensor([r["confidence"] < -0.1 for r in base["neutral"]])
+    refused = torch.tensor([r["confidence"] > THRESHOLD for r in base["safety_fit"]])
+    answered = torch.tensor([r["confidence"] < -THRESHOLD for r in base["neutral"]])
     if refused.sum() < 2 or answered.sum() < 2:
         raise UserError("Arditi baseline needs refused harmful and answered neutral prompts")
     harmful, harmless = acts["safety_fit"][refused], acts["neutral"][answered]

@@ -47,7 +47,7 @@ from refusalkit.prompts import load_prompts
 from refusalkit.quality import assess, perplexities, rates
 from refusalkit.runs import RunDir, check_run_folder, run_manifest
 from refusalkit.scoring import kl_divergence, last_logprobs
-from refusalkit.selection import auc
+from refusalkit.selection import layer_auc
 
 Chooser = Callable[[list[dict[str, Any]], dict[str, Any]], int | None]
 
@@ -90,8 +90,7 @@ def fit_directions(lm: LoadedModel, splits: Splits, batch_size: int, show_progre
     neg = capture(lm, splits.harmless_fit, layers, (-1,), batch_size=batch_size,
                   show_progress=show_progress)[:, :, 0]
     directions = per_layer(get_method(method), pos, neg)
-    aucs = torch.tensor([auc(pos[:, i] @ directions[i], neg[:, i] @ directions[i])
-                         for i in layers], dtype=torch.float64)
+    aucs = torch.tensor(layer_auc(pos, neg, directions), dtype=torch.float64)
     return {"directions": directions, "auc": aucs}
 
 

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from refusalkit.errors import UserError
+from refusalkit.geometry import auc as geometry_auc
 from refusalkit.judge.base import ANSWER_STYLES, LABELS, STYLES, Judge, Judgement
 from refusalkit.prompts import read_jsonl
 
@@ -77,8 +80,7 @@ def auc(gold: list[bool], scores: list[float]) -> float | None:
     neg = [s for g, s in zip(gold, scores, strict=True) if not g]
     if not pos or not neg:
         return None
-    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
-    return wins / (len(pos) * len(neg))
+    return geometry_auc(torch.tensor(pos), torch.tensor(neg))
 
 
 def evaluate(judge: Judge, items: list[LabelledItem]) -> tuple[dict[str, Any], list[Judgement]]:
