@@ -196,9 +196,8 @@ def write_report(run: RunDir, cfg: AbliterateConfig, records: list[dict[str, Any
                          "before_label": classify(b["confidence"]),
                          "after_response": a["response"],
                          "after_label": classify(a["confidence"]), "style": a["style"],
-                         "after_useful": (a.get("quality") or {}).get("useful"),
-                         "after_on_topic": (a.get("quality") or {}).get("on_topic"),
-                         "after_perplexity": (a.get("quality") or {}).get("perplexity")}
+                         **{f"after_{k}": (a.get("quality") or {}).get(k)
+                            for k in ("useful", "on_topic", "perplexity")}}
                         for b, a in zip(before, after, strict=True)])
     return build_report(run, title=f"refusalkit abliterate — {cfg.model}")
 

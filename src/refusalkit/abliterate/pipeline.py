@@ -39,12 +39,12 @@ from refusalkit.activations import capture
 from refusalkit.artifacts import dataset_record, model_record
 from refusalkit.directions import get_method, per_layer
 from refusalkit.errors import UserError
-from refusalkit.evaluate import answer_nlls, judge_prompts
+from refusalkit.evaluate import Judged, assess_answers, judge_prompts
 from refusalkit.judge import JudgementCache, make_judge
 from refusalkit.kernels import Kernel, kernel_hooks
 from refusalkit.models import LoadedModel, load_model
 from refusalkit.prompts import load_prompts
-from refusalkit.quality import assess, perplexities, rates
+from refusalkit.quality import rates
 from refusalkit.runs import RunDir, check_run_folder, run_manifest
 from refusalkit.scoring import kl_divergence, last_logprobs
 from refusalkit.selection import layer_auc
@@ -131,15 +131,13 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
         jk = {"max_new_tokens": cfg.judge.max_new_tokens, "cache": cache,
               "batch_size": cfg.batch_size}
 
-        def judged_rows(prompts: list[str], kernel: Kernel | None) -> list[dict[str, Any]]:
+        def judged(prompts: list[str], kernel: Kernel | None) -> list[Judged]:
             if kernel is None:
-                js = judge_prompts(lm, prompts, judge, **jk)  # type: ignore[arg-type]
-            else:
-                with kernel_hooks(lm, kernel, directions):
-                    js = judge_prompts(lm, prompts, judge, **jk)  # type: ignore[arg-type]
-            return answer_rows(js)
+                return judge_prompts(lm, prompts, judge, **jk)  # type: ignore[arg-type]
+            with kernel_hooks(lm, kernel, directions):
+                return judge_prompts(lm, prompts, judge, **jk)  # type: ignore[arg-type]
 
-        base = run.stage("baseline", lambda: judged_rows(splits.harmful_search, None))
+        base = run.stage("baseline", lambda: answer_rows(judged(splits.harmful_search, None)))
         if not refusal_count(base):
             raise UserError(
                 f"'{lm.name}' refuses none of the {len(base)} dev harmful prompts "
@@ -165,7 +163,7 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
                             f"search.kl_prune = {cfg.search.kl_prune}); raise it or search "
                             "gentler kernels (search.max_weight)")
         auto, within = choose(front, cfg.kl_max)
-        measure = make_measure(lm, cfg, splits, judged_rows, directions, compare)
+        measure = make_measure(lm, cfg, splits, judged, directions, compare)
         heldout = _heldout(run, cfg, front, auto, measure)
         picked = _pick(front, auto, within, trial, chooser, heldout, records,
                        run.file("choice.json"))
@@ -178,7 +176,7 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
 
 
 def make_measure(lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,
-                 judged_rows: Callable[[list[str], Kernel | None], list[dict[str, Any]]],
+                 judged: Callable[[list[str], Kernel | None], list[Judged]],
                  directions: torch.Tensor, compare: dict[str, Any]
                  ) -> Callable[[Kernel | None], dict[str, Any]]:
     """Held-out figures of a kernel (None: the unsteered model): refusals on the held-out
@@ -186,9 +184,11 @@ def make_measure(lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,
     are worth (useful, on-topic, loop and language-match rates by the default judge; each
     answer's perplexity under the unsteered model) and KL on the held-out ordinary prompts."""
     base_logp: list[torch.Tensor] = []
+    ppl_cache: dict[tuple[str, str], float | None] = {}  # unsteered model, across kernels
 
     def measure(kernel: Kernel | None) -> dict[str, Any]:
-        rows = judged_rows(splits.harmful_eval, kernel)
+        js = judged(splits.harmful_eval, kernel)
+        rows = answer_rows(js)
         prompts = [r["prompt"] for r in rows]
         responses = [r["response"] for r in rows]
         refusals = {cfg.judge.spec: refusal_count(rows)}
@@ -202,9 +202,7 @@ def make_measure(lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,
             with kernel_hooks(lm, kernel, directions):
                 logp = last_logprobs(lm, splits.harmless_eval, batch_size=cfg.batch_size)
             kl = float(kl_divergence(base_logp[0], logp).mean())
-        ppl = perplexities(answer_nlls(lm, prompts, responses, batch_size=cfg.batch_size))
-        qs = [assess(r["prompt"], r["response"], r["confidence"], r.get("on_topic"), x)
-              for r, x in zip(rows, ppl, strict=True)]
+        qs = assess_answers(lm, js, batch_size=cfg.batch_size, cache=ppl_cache)
         for r, q in zip(rows, qs, strict=True):
             r["quality"] = q.flags()
         return {"refusals": refusals, "n": len(rows), "kl": kl, "answers": rows,
