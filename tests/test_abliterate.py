@@ -347,3 +347,24 @@ def test_the_sampler_sees_kl_below_the_floor_as_refusal_fraction() -> None:
     assert sampled_kl(gentle, 0.01) == pytest.approx(0.01 * 8 / 32)
     assert sampled_kl(TrialScore(8, 32, 0.05, []), 0.01) == 0.05
     assert sampled_kl(inert, 0.0) == 0.0005
+
+
+def test_the_strongest_trial_near_the_budget_is_measured_held_out() -> None:
+    """The head-to-head run's front: the automatic choice (fewest dev refusals within
+    kl_max 0.1) is gentle and trial 2 (KL 0.105, 3/32) lies just past the budget. With three
+    held-out slots both must be measured; before, the spread's strongest end was replaced by
+    the automatic choice and only gentle trials were measured."""
+    from refusalkit.abliterate.pipeline import heldout_picks
+    from refusalkit.abliterate.search import choose
+
+    kls = {5: 0.004, 7: 0.007, 1: 0.012, 8: 0.014, 4: 0.021, 6: 0.06, 2: 0.105, 9: 0.25}
+    refusals = {5: 20, 7: 14, 1: 12, 8: 10, 4: 9, 6: 8, 2: 3, 9: 1}
+    front = sorted(({"number": k, "kl": v, "refusals": refusals[k], "n": 32}
+                    for k, v in kls.items()), key=lambda r: r["kl"])
+    auto, within = choose(front, 0.1)
+    assert (auto["number"], within) == (6, True)
+    picks = [r["number"] for r in heldout_picks(front, auto, 0.1, 3)]
+    assert picks == sorted(picks) and len(picks) == 3
+    assert {6, 2} <= set(picks) and 9 not in picks  # 9 is past 2 x kl_max
+    assert [r["number"] for r in heldout_picks(front, auto, 0.1, 1)] == [6]
+    assert len(heldout_picks(front, auto, 0.1, 20)) == 7

@@ -237,15 +237,17 @@ def pareto_candidates(study: optuna.Study, kl_max: float, n: int,
     front = sorted(within_kl_budget(study.best_trials, kl, kl_max, n), key=lambda t: t.values[0])
     if base_objective is not None and front:
         half = base_objective + 0.5 * (front[0].values[0] - base_objective)
-        front = _spread([t for t in front if t.values[0] <= half] or front[:1], n)
+        front = spread([t for t in front if t.values[0] <= half] or front[:1], n)
     done = [t for t in study.trials if t.values is not None]
     rest = sorted((t for t in within_kl_budget(done, kl, kl_max, n) if t not in front),
                   key=lambda t: t.values[0])
     return [trial_record(t) for t in (front + rest)[:n]]
 
 
-def _spread(items: list[T], n: int) -> list[T]:
+def spread(items: list[T], n: int) -> list[T]:
     """n items evenly spaced over a sorted list, both ends included."""
+    if n <= 0:
+        return []
     if len(items) <= n:
         return items
     if n == 1:

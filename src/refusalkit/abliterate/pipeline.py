@@ -47,6 +47,7 @@ from refusalkit.prompts import load_prompts
 from refusalkit.quality import rates
 from refusalkit.runs import RunDir, check_run_folder, run_manifest
 from refusalkit.scoring import kl_divergence, last_logprobs
+from refusalkit.search import spread
 from refusalkit.selection import layer_auc
 
 Chooser = Callable[[list[dict[str, Any]], dict[str, Any]], int | None]
@@ -219,26 +220,29 @@ def heldout_stage(run: RunDir, measure: Callable[[Kernel | None], dict[str, Any]
     return run.stage(f"heldout-{rec['number']}", lambda: measure(kernel))
 
 
+def heldout_picks(front: list[dict[str, Any]], auto: dict[str, Any], kl_max: float,
+                  n: int) -> list[dict[str, Any]]:
+    """Which front trials are re-measured held out: the automatic choice, the strongest trial
+    (fewest dev refusals) within 2 × kl_max, and the rest spread over that KL range, at most
+    `n` (the automatic choice always). Dev KL understates held-out KL and dev refusals are few, so
+    the strongest near-budget trial must be measured: a spread by count alone could drop it for
+    the automatic choice (the head-to-head run measured only three gentle trials that way)."""
+    near = [r for r in front if r["kl"] <= 2 * kl_max] or front[:1]
+    strongest = min(near, key=lambda r: (r["refusals"], r["kl"], r["number"]))
+    must = ([auto] + ([strongest] if strongest is not auto else []))[: max(1, n)]
+    rest = [r for r in near if all(r is not m for m in must)]
+    picks = must + spread(rest, max(0, n - len(must)))
+    return sorted(picks, key=lambda r: r["number"])
+
+
 def _heldout(run: RunDir, cfg: AbliterateConfig, front: list[dict[str, Any]],
              auto: dict[str, Any], measure: Callable[[Kernel | None], dict[str, Any]]
              ) -> dict[str, Any]:
-    """The unsteered model and the front's trials within 2 × kl_max (at most eval_front of
-    them, spread over the front; the automatic choice always included), held out."""
-    near = [r for r in front if r["kl"] <= 2 * cfg.kl_max] or front[:1]
-    picks = _spread(near, cfg.eval_front)
-    if auto not in picks:
-        picks = [*picks[: cfg.eval_front - 1], auto]
+    """The unsteered model and the front trials `heldout_picks` names, held out."""
     out = {"unsteered": heldout_stage(run, measure, None)}
-    for rec in sorted(picks, key=lambda r: r["number"]):
+    for rec in heldout_picks(front, auto, cfg.kl_max, cfg.eval_front):
         out[str(rec["number"])] = heldout_stage(run, measure, rec)
     return out
-
-
-def _spread(items: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    if len(items) <= n:
-        return list(items)
-    idx = sorted({round(i * (len(items) - 1) / max(1, n - 1)) for i in range(n)})
-    return [items[i] for i in idx]
 
 
 def _pick(front: list[dict[str, Any]], auto: dict[str, Any], within: bool, trial: int | None,
