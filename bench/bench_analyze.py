@@ -30,9 +30,9 @@ def main() -> None:
 
     import torch
 
-    from refusalkit.analyze import analyze
+    from refusalkit.analyze.config import AnalyzeConfig
+    from refusalkit.analyze.pipeline import analyze
     from refusalkit.config import load_config
-    from refusalkit.splits import AnalyzeConfig
 
     t0 = time.perf_counter()
     cfg = load_config(args.config, AnalyzeConfig, {"judge": args.judge})

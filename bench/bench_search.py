@@ -10,7 +10,7 @@ generates and judges every trial.
    judges only the `search.verify` most promising Pareto trials. Cost = the `search` and
    `verify` stages' wall time (timings.json) and the tokens `verify` generated.
 2. The same trials (same parameters, same directions, gate, prompt sets, judge and decoding)
-   are then each turned into a profile with `refusalkit.search.build_profile` and generated
+   are then each turned into a profile with `refusalkit.steer.search.build_profile` and generated
    and judged on the same target and keep prompts with `refusalkit.evaluate.judge_prompts`,
    and the best one is chosen by the pipeline's own rule.
 
@@ -34,7 +34,7 @@ import torch
 from common import REPO, emit, load_note, md_table, say
 from safetensors.torch import load_file
 
-import refusalkit.steer as steer_mod
+import refusalkit.steer.pipeline as steer_mod
 from refusalkit.config import load_config, read_toml
 from refusalkit.evaluate import judge_prompts, refusal_rate
 from refusalkit.interventions import Gate
@@ -42,8 +42,8 @@ from refusalkit.judge import make_judge
 from refusalkit.judge.guard import guarded
 from refusalkit.models import load_model
 from refusalkit.runs import atomic_write_json
-from refusalkit.search import build_profile, within_kl_budget
-from refusalkit.steer_config import SteerConfig
+from refusalkit.steer.config import SteerConfig
+from refusalkit.steer.search import build_profile, within_kl_budget
 
 
 class _Stop(Exception):
@@ -76,7 +76,7 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
     dirs = load_file(str(st / "directions.safetensors"))
     data = steer_mod.split_data(cfg)
     remove = cfg.mode == "remove"
-    space = steer_mod._space(lm, cfg)
+    space = steer_mod.search_space(lm, cfg)
     gate = None
     if (st / "gate.json").is_file():
         g = _read(st / "gate.json")
@@ -96,7 +96,7 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
     acts = load_file(str(st / "activations.safetensors"))
     conf = {k: torch.tensor([r["confidence"] for r in base[k]]) for k in ("target_fit",
                                                                         "safety_fit")}
-    levels = steer_mod._gaps_levels(acts, dirs["directions"], conf["target_fit"], remove,
+    levels = steer_mod.gaps_levels(acts, dirs["directions"], conf["target_fit"], remove,
                                     conf["safety_fit"])[1]
     rows, tokens = [], 0
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     # the pipeline's KL budget rule, so both searches choose under the same constraint
     within = within_kl_budget(rows, lambda r: r["kl"], cfg.search.kl_max, cfg.search.verify)
-    chosen = steer_mod._choose(within, base, remove, cfg.search.safety_keep, keep)
+    chosen = steer_mod.choose(within, base, remove, cfg.search.safety_keep, keep)
     return {"rows": rows, "generated_tokens": tokens, "seconds": seconds, "chosen": chosen,
             "n_target": len(t_set), "n_keep": len(keep)}
 

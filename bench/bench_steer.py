@@ -81,8 +81,8 @@ def main() -> None:
     busy = other_cpu()
     if args.run is None:
         from refusalkit.models import load_model
-        from refusalkit.steer import run_steer
-        from refusalkit.steer_config import SteerConfig
+        from refusalkit.steer.config import SteerConfig
+        from refusalkit.steer.pipeline import run_steer
 
         cfg = SteerConfig.load(args.config)
         t0 = time.perf_counter()

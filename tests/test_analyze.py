@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import REPO, build_tiny
 
-from refusalkit.analyze import analyze
+from refusalkit.analyze.config import AnalyzeConfig, resolve_layer, split_pools
+from refusalkit.analyze.pipeline import analyze
+from refusalkit.analyze.styles import lexical_style, markers
 from refusalkit.config import load_config
 from refusalkit.errors import UserError
 from refusalkit.prompts import load_prompts, write_jsonl
-from refusalkit.splits import AnalyzeConfig, resolve_layer, split_pools
-from refusalkit.styles import lexical_style, markers
 
 HARM = ["how do i make a bomb", "how do i hack computer", "how do i steal car",
         "tell me how i steal car please", "write how i hack computer", "how do i bomb car",
@@ -111,7 +111,7 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
 
 
 def test_interrupted_sweep_resumes_from_the_next_direction(tmp_path, monkeypatch):
-    import refusalkit.analyze as A
+    import refusalkit.analyze.pipeline as A
 
     lm = build_tiny("llama")
     cfg = _tiny_config(tmp_path, sweep={"oracle": []})
@@ -141,7 +141,7 @@ def test_sweeps_can_steer_at_another_layer_and_position(tmp_path, monkeypatch):
     at (layer 3, position -1) and add it there; calibration uses the same site."""
     from safetensors.torch import load_file
 
-    import refusalkit.analyze as A
+    import refusalkit.analyze.pipeline as A
 
     lm = build_tiny("llama")
     cfg = _tiny_config(tmp_path, sweep={"oracle": ["HC-BC"], "layer": 3, "position": -1})

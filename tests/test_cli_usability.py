@@ -87,7 +87,7 @@ def test_extract_help_keeps_defaults_and_shows_no_bool_types() -> None:
 
 def test_config_key_suggestion_ranks_the_swap_first() -> None:
     from refusalkit.config import load_config, suggest
-    from refusalkit.steer_config import SteerConfig
+    from refusalkit.steer.config import SteerConfig
 
     assert suggest("modle", ["mode", "model", "seed"]) == ["model", "mode"]
     assert suggest("batch_sise", ["positive", "batch_size"]) == ["batch_size"]

@@ -128,8 +128,8 @@ def test_differences_sees_what_it_must() -> None:
 def test_the_tiny_steer_run_computes_what_it_did(mode: str, tmp_path: Path, monkeypatch) -> None:
     from test_steer import tiny_cfg
 
-    import refusalkit.steer as steer_module
-    from refusalkit.steer import run_steer
+    import refusalkit.steer.pipeline as steer_module
+    from refusalkit.steer.pipeline import run_steer
 
     monkeypatch.setattr(steer_module, "make_judge", lambda spec: PlantedWord())
     out = run_steer(tiny_cfg(mode=mode), tmp_path / "run", show_progress=False,
@@ -140,7 +140,7 @@ def test_the_tiny_steer_run_computes_what_it_did(mode: str, tmp_path: Path, monk
 def test_the_tiny_analyze_run_computes_what_it_did(tmp_path: Path, monkeypatch) -> None:
     from test_analyze import _tiny_config
 
-    from refusalkit.analyze import analyze
+    from refusalkit.analyze.pipeline import analyze
 
     monkeypatch.chdir(tmp_path)  # relative prompt paths: the sampling seed hashes the specs
     cfg = _tiny_config(Path("."))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from refusalkit import geometry as G
+from refusalkit.analyze import geometry as G
 
 
 def planted(n: int, d: int, direction: torch.Tensor, shift: float, noise: float,

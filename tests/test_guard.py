@@ -11,8 +11,8 @@ from conftest import build_tiny
 
 from refusalkit.judge import Judgement, JudgementCache
 from refusalkit.judge.guard import LoopGuard, guarded, looping
-from refusalkit.steer import run_steer
-from refusalkit.steer_config import SteerConfig
+from refusalkit.steer.config import SteerConfig
+from refusalkit.steer.pipeline import run_steer
 
 REPO = Path(__file__).resolve().parents[1]
 NONSENSICAL = Judgement("refusal", 1.0, "nonsensical")
@@ -93,7 +93,7 @@ def test_the_steer_pipeline_judges_through_the_guard(tmp_path: Path, monkeypatch
     only refusals the run can see are the guard's: without it the induce run stops with
     "refused fewer than 2 safety_fit prompts"."""
     inner = Recorder()
-    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: inner)
+    monkeypatch.setattr("refusalkit.steer.pipeline.make_judge", lambda spec: inner)
     cfg = SteerConfig.load(REPO / "configs" / "tiny_steer.toml", {
         "search.trials": 2, "search.verify": 1, "judge.max_new_tokens": 8,
         "eval.baselines": False, "eval.examples": 0, "data.n_kl": 4})

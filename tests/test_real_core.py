@@ -10,6 +10,7 @@ from conftest import assert_same_up_to_float32
 from refusalkit.activations import capture
 from refusalkit.directions import mean_difference, per_layer
 from refusalkit.generation import generate_text
+from refusalkit.geometry import auc, depth_window, layer_auc
 from refusalkit.interventions import (
     Profile,
     ablation,
@@ -21,7 +22,7 @@ from refusalkit.interventions import (
 from refusalkit.judge import KeywordJudge
 from refusalkit.prompts import load_prompts
 from refusalkit.scoring import kl_divergence, last_logprobs, refusal_score
-from refusalkit.selection import auc, depth_window, layer_auc, select_by_auc
+from refusalkit.steer.baselines import select_by_auc
 
 pytestmark = pytest.mark.real
 

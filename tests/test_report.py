@@ -249,12 +249,12 @@ def pipeline_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from test_analyze import _tiny_config
     from test_steer import tiny_cfg
 
-    from refusalkit.analyze import analyze
-    from refusalkit.steer import run_steer
+    from refusalkit.analyze.pipeline import analyze
+    from refusalkit.steer.pipeline import run_steer
 
     root = tmp_path_factory.mktemp("pipelines")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("refusalkit.steer.make_judge", lambda spec: PlantedWord())
+        mp.setattr("refusalkit.steer.pipeline.make_judge", lambda spec: PlantedWord())
         steer_run = run_steer(tiny_cfg(**{"eval.baselines": False}), root / "steer",
                               show_progress=False, lm=build_tiny("llama"))
     analyze_run = analyze(_tiny_config(root), root / "analyze", lm=build_tiny("qwen2"),

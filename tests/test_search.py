@@ -9,8 +9,14 @@ import torch
 
 from refusalkit.gates import gate_of
 from refusalkit.interventions import Gate
-from refusalkit.search import SearchSpace, build_profile, pareto_candidates, proxy_sets, run_study
-from refusalkit.steer import _choose
+from refusalkit.steer.pipeline import choose
+from refusalkit.steer.search import (
+    SearchSpace,
+    build_profile,
+    pareto_candidates,
+    proxy_sets,
+    run_study,
+)
 
 PROMPTS = ["how do i make a bomb", "tell me about the weather please", "write poem",
            "how do i bake bread cake please", "steal car", "sure here is what"]
@@ -49,7 +55,7 @@ def test_choice_keeps_safety_and_prefers_the_gentler_of_near_ties() -> None:
             _row(0.03, 1.00, 2.0, 8),
             _row(0.06, 1.00, 1.0, 3),  # within the tie margin and much gentler
             _row(0.20, 1.00, 0.5, 1)]
-    chosen = _choose(rows, base, True, 0.9, list("abcd"))
+    chosen = choose(rows, base, True, 0.9, list("abcd"))
     assert chosen is rows[2]
 
 
@@ -61,13 +67,13 @@ def test_choice_prefers_useful_answers_over_fewer_refusals_when_the_judge_can_te
             {**_row(0.25, 1.00, 1.0, 4), "target_useful": 0.60},
             {**_row(0.10, 0.25, 1.0, 4), "target_useful": 0.90},  # loses the safety refusals
             {**_row(0.50, 1.00, 0.5, 2), "target_useful": 0.40}]
-    assert _choose(rows, base, True, 0.9, list("abcd")) is rows[1]
+    assert choose(rows, base, True, 0.9, list("abcd")) is rows[1]
     rows[3]["target_useful"] = 0.58  # a near tie: the gentler one
-    assert _choose(rows, base, True, 0.9, list("abcd")) is rows[3]
+    assert choose(rows, base, True, 0.9, list("abcd")) is rows[3]
 
 
 def test_proxy_agreement_is_the_rank_correlation_over_candidates() -> None:
-    from refusalkit.steer import proxy_agreement
+    from refusalkit.steer.pipeline import proxy_agreement
 
     rows = [{"target": t, "target_refusal": r, "target_useful": u}
             for t, r, u in ((-3.0, 0.1, 0.2), (-2.0, 0.3, 0.5), (-1.0, 0.6, 0.4))]

@@ -12,8 +12,8 @@ from refusalkit.errors import UserError
 from refusalkit.interventions import load_profile
 from refusalkit.judge import JudgementCache
 from refusalkit.prompts import load_prompts
-from refusalkit.steer import run_steer, split_data
-from refusalkit.steer_config import SteerConfig
+from refusalkit.steer.config import SteerConfig
+from refusalkit.steer.pipeline import run_steer, split_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) ->
     lm = build_tiny("llama")
     cfg = tiny_cfg(mode="remove")
     judge = PlantedWord()
-    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: judge)
+    monkeypatch.setattr("refusalkit.steer.pipeline.make_judge", lambda spec: judge)
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("target_refusal_before", "target_refusal_after", "safety_refusal_before",
@@ -76,7 +76,7 @@ def test_the_other_estimator_is_the_baseline(tmp_path: Path, monkeypatch) -> Non
     """Steering with MD compares against WRMD steered the same way (and vice versa, above)."""
     lm = build_tiny("llama")
     cfg = tiny_cfg(**{"directions.method": "md", "eval.examples": 0})
-    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: PlantedWord())
+    monkeypatch.setattr("refusalkit.steer.pipeline.make_judge", lambda spec: PlantedWord())
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["baselines"]) == {"wrmd_steering"}  # induce mode: no Arditi ablation
@@ -92,7 +92,7 @@ def test_clamp_operator_runs_through_the_pipeline(tmp_path: Path, monkeypatch) -
     lm = build_tiny("llama")
     cfg = tiny_cfg(**{"search.operator": "clamp", "search.alpha_max": 8.0,
                       "eval.examples": 0, "data.n_kl": 8, "search.gate": "off"})
-    monkeypatch.setattr("refusalkit.steer.make_judge", lambda spec: PlantedWord())
+    monkeypatch.setattr("refusalkit.steer.pipeline.make_judge", lambda spec: PlantedWord())
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
     metrics = json.loads((out / "metrics.json").read_text())
     prof = load_profile(out / "profile", lm)
@@ -185,7 +185,7 @@ def test_examples_flag_useful_answers_that_are_barely_on_topic() -> None:
     bottom decile is shown (and flagged), also beyond the first n examples."""
     from refusalkit.evaluate import Judged
     from refusalkit.quality import assess
-    from refusalkit.steer_eval import examples_of
+    from refusalkit.steer.evaluate import examples_of
 
     def j(i: int, c: float, topic: float) -> Judged:
         return Judged(f"q{i}", f"answer number {i} to the question", "compliance", c, None, 5,

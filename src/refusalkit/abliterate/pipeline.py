@@ -40,6 +40,7 @@ from refusalkit.artifacts import dataset_record, model_record
 from refusalkit.directions import get_method, per_layer
 from refusalkit.errors import UserError
 from refusalkit.evaluate import Judged, assess_answers, judge_prompts
+from refusalkit.geometry import layer_auc
 from refusalkit.judge import JudgementCache, make_judge
 from refusalkit.kernels import Kernel, kernel_hooks
 from refusalkit.models import LoadedModel, load_model
@@ -47,8 +48,7 @@ from refusalkit.prompts import load_prompts
 from refusalkit.quality import rates
 from refusalkit.runs import RunDir, check_run_folder, run_manifest
 from refusalkit.scoring import kl_divergence, last_logprobs
-from refusalkit.search import spread
-from refusalkit.selection import layer_auc
+from refusalkit.steer.search import spread
 
 Chooser = Callable[[list[dict[str, Any]], dict[str, Any]], int | None]
 

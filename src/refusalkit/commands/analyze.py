@@ -36,10 +36,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Per-split refusal directions, stability, cosine maps, behaviour buckets, where the
         signal lives, steering sweeps (RR/ORR), trade-off gap and refusal style."""
-        from refusalkit.analyze import analyze
+        from refusalkit.analyze.config import AnalyzeConfig
+        from refusalkit.analyze.pipeline import analyze
         from refusalkit.commands.core import quiet_libraries
         from refusalkit.config import cli_overrides, load_config, render_config
-        from refusalkit.splits import AnalyzeConfig
 
         if print_config:
             typer.echo(render_config(AnalyzeConfig), nl=False)

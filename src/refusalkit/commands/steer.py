@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Remove (or induce) refusal on one topic while keeping safety refusals."""
         from refusalkit.config import parse_set
-        from refusalkit.steer_config import SteerConfig
+        from refusalkit.steer.config import SteerConfig
 
         overrides = {"model": model, "mode": mode, "directions.method": method,
                      "judge.spec": judge, "search.trials": trials, "seed": seed,
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         if print_config:
             typer.echo(cfg.to_toml())
             return
-        from refusalkit.steer import run_steer
+        from refusalkit.steer.pipeline import run_steer
 
         opts = options(ctx)
         path = run_steer(cfg, out, resume=resume, show_progress=opts.progress)

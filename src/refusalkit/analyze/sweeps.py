@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
+from refusalkit.analyze.config import AnalyzeConfig, sample_pool
+from refusalkit.analyze.styles import lexical_style
 from refusalkit.generation import generate
 from refusalkit.interventions import Profile, ablation, addition
 from refusalkit.judge import Judge
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import refusal_score
-from refusalkit.splits import AnalyzeConfig, sample_pool
-from refusalkit.styles import lexical_style
 
 BUCKETS = ("HR", "HC", "BR", "BC")
 

@@ -23,15 +23,11 @@ from typing import Any
 
 import torch
 
-from refusalkit import geometry as G
 from refusalkit.activations import capture
-from refusalkit.artifacts import DirectionSet, model_record, save_directions
-from refusalkit.judge import Judge
-from refusalkit.models import LoadedModel
-from refusalkit.runs import RunDir, run_manifest
-from refusalkit.splits import AnalyzeConfig, resolve_layer, split_pools
-from refusalkit.styles import marker_rates
-from refusalkit.sweeps import (
+from refusalkit.analyze import geometry as G
+from refusalkit.analyze.config import AnalyzeConfig, resolve_layer, split_pools
+from refusalkit.analyze.styles import marker_rates
+from refusalkit.analyze.sweeps import (
     BUCKETS,
     baseline,
     bucket_prompts,
@@ -44,6 +40,10 @@ from refusalkit.sweeps import (
     sweep_direction,
     unsteered_eval,
 )
+from refusalkit.artifacts import DirectionSet, model_record, save_directions
+from refusalkit.judge import Judge
+from refusalkit.models import LoadedModel
+from refusalkit.runs import RunDir, run_manifest
 
 ORACLES = {"HR-BC": ("HR", "BC"), "BR-BC": ("BR", "BC"), "HC-BC": ("HC", "BC"),
            "HR-HC": ("HR", "HC")}
@@ -122,7 +122,7 @@ def _pipeline(run: RunDir, cfg: AnalyzeConfig, lm: LoadedModel, judge: Judge, la
     summary = run.stage("summary", lambda: summarize(cfg, eval_rows, sweeps))
     summary["site"] = {"layer": sl, "position": cfg.directions.positions[pi]}
 
-    from refusalkit.analyze_report import write_outputs
+    from refusalkit.analyze.report import write_outputs
 
     write_outputs(run, cfg, lm.name, layer, pools, base, eval_rows, geo, oracle, sweeps,
                   summary, scale, judge.id)

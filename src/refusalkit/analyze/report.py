@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from refusalkit import geometry as G
 from refusalkit import report as R
+from refusalkit.analyze import geometry as G
+from refusalkit.analyze.config import AnalyzeConfig
+from refusalkit.analyze.styles import LEXICAL_STYLES
 from refusalkit.runs import RunDir
-from refusalkit.splits import AnalyzeConfig
-from refusalkit.styles import LEXICAL_STYLES
 
 
 def _r(x: Any, nd: int = 4) -> Any:
@@ -176,7 +176,7 @@ def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools
                  "pairs = Jensen–Shannon divergence (bits); permutation p-values, Holm-adjusted "
                  "over pairs.")
 
-    from refusalkit.analyze_figures import draw_all
+    from refusalkit.analyze.figures import draw_all
 
     draw_all(run, cfg, layer, geo, oracle, summary, unit_scale)
     _examples(run, eval_rows, sweeps, cfg.sweep.examples)

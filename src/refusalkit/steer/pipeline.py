@@ -20,63 +20,37 @@ from refusalkit.artifacts import dataset_record, model_record
 from refusalkit.directions import get_method, per_layer
 from refusalkit.errors import UserError
 from refusalkit.evaluate import Judged, judge_gated, judge_prompts, refusal_rate
-from refusalkit.gates import fit_gate, gate_of, gate_open, pool_position
+from refusalkit.gates import gate_of, gate_open
 from refusalkit.geometry import auc
 from refusalkit.interventions import Gate, Profile, save_profile
 from refusalkit.judge import JudgementCache, make_judge
 from refusalkit.judge.guard import guarded
 from refusalkit.judge.protocol import THRESHOLD
 from refusalkit.models import LoadedModel, load_model
-from refusalkit.prompts import load_prompts
 from refusalkit.quality import assess
 from refusalkit.quality import rates as quality_rates
 from refusalkit.runs import RunDir, check_run_folder, run_manifest
 from refusalkit.scoring import refusal_log_odds, refusal_token_ids
-from refusalkit.search import (
-    SearchSpace,
+from refusalkit.steer.baselines import arditi_baseline, arditi_profile
+from refusalkit.steer.choose import choose, proxy_agreement
+from refusalkit.steer.config import SteerConfig
+from refusalkit.steer.data import split_data
+from refusalkit.steer.evaluate import evaluate_all
+from refusalkit.steer.fit import (
+    BASELINE_METHODS,
+    classes,
+    fit_topic_gate,
+    gaps_levels,
+    search_space,
+)
+from refusalkit.steer.report import write_report
+from refusalkit.steer.search import (
     build_profile,
     pareto_candidates,
     proxy_sets,
     run_study,
     trial_record,
 )
-from refusalkit.steer_config import SteerConfig
-from refusalkit.steer_eval import arditi_baseline, arditi_profile, evaluate_all, write_report
-
-
-def split_data(cfg: SteerConfig) -> dict[str, list[str]]:
-    """Seeded, disjoint prompt lists for every role in the pipeline."""
-    d, seed = cfg.data, cfg.seed
-    fit, held = [], []
-    for spec in d.target:
-        ps = load_prompts(spec).take(d.max_target, seed=seed).prompts
-        cut = max(1, round(len(ps) * d.target_eval_fraction))
-        held += ps[:cut]
-        fit += ps[cut:]
-    safety = load_prompts(d.safety_fit).take(d.n_fit, seed=seed).prompts
-    neutral_all = load_prompts(d.neutral).take(d.n_fit + d.n_proxy, seed=seed).prompts
-    out = {
-        "target_fit": fit, "target_eval": held, "safety_fit": safety,
-        "neutral": neutral_all[: d.n_fit], "neutral_proxy": neutral_all[d.n_fit:],
-        "safety_eval": load_prompts(d.safety_eval).take(d.n_eval, seed=seed).prompts,
-        "harmless_eval": load_prompts(d.harmless_eval).take(d.n_eval, seed=seed).prompts,
-        "kl_eval": load_prompts(d.harmless_eval).take(d.n_kl, seed=seed,
-                                                      offset=d.n_eval).prompts,
-    }
-    for spec in d.overrefusal:
-        out[f"overrefusal:{spec}"] = load_prompts(spec).take(d.n_eval, seed=seed).prompts
-    # The topic gate's negatives: more and more varied "other" prompts than the fitting sets,
-    # each source read past the rows every other role took (so they never overlap).
-    roles = {"neutral": [(d.neutral, d.n_fit + d.n_proxy)],
-             "safety_fit": [(d.safety_fit, d.n_fit)],
-             "overrefusal": [(spec, d.n_eval) for spec in d.overrefusal]}
-    sources = [src for name in d.gate_sources for src in roles.get(name, [(name, 0)])]
-    taken = {p for ps in out.values() for p in ps}
-    out["gate_negatives"] = list(dict.fromkeys(
-        p for spec, offset in sources
-        for p in load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
-        if p not in taken))
-    return out
 
 
 def _judged_rows(js: list[Judged]) -> list[dict[str, Any]]:
@@ -131,7 +105,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
 
     # 3. directions per layer
     def directions() -> dict[str, torch.Tensor]:
-        refused, complied, w_r, w_c = _classes(acts, c_target, remove, c_safety)
+        refused, complied, w_r, w_c = classes(acts, c_target, remove, c_safety)
 
         def estimate(method: str) -> torch.Tensor:
             kwargs: dict[str, Any] = {}
@@ -142,7 +116,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
             return per_layer(get_method(method), refused, complied, **kwargs)
 
         dirs = estimate(cfg.directions.method)
-        gaps = torch.tensor(_gaps_levels(acts, dirs, c_target, remove, c_safety)[0])
+        gaps = torch.tensor(gaps_levels(acts, dirs, c_target, remove, c_safety)[0])
         # the other estimator of the md / wrmd pair, steered the same way as a baseline
         return {"directions": dirs, "gaps": gaps,
                 **{m: estimate(m) for m in BASELINE_METHODS if m != cfg.directions.method}}
@@ -151,7 +125,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
 
     # 4. layer ranking: separability and correlation with c(x)
     def layers() -> list[dict[str, Any]]:
-        refused, complied, _, _ = _classes(acts, c_target, remove, c_safety)
+        refused, complied, _, _ = classes(acts, c_target, remove, c_safety)
         rows = []
         for i in all_layers:
             v = dirs["directions"][i]
@@ -169,11 +143,11 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
     # 5. topic gate, then automatic multi-layer selection
     gate = None
     if cfg.search.gate != "off":
-        gate_rec = run.stage("gate", lambda: _fit_topic_gate(lm, acts, data, cfg, show_progress))
+        gate_rec = run.stage("gate", lambda: fit_topic_gate(lm, acts, data, cfg, show_progress))
         gate = Gate(gate_rec["layer"], torch.tensor(gate_rec["vector"]), gate_rec["threshold"],
                     gate_rec["pool"])
-    space = _space(lm, cfg)
-    levels = _gaps_levels(acts, dirs["directions"], c_target, remove, c_safety)[1]
+    space = search_space(lm, cfg)
+    levels = gaps_levels(acts, dirs["directions"], c_target, remove, c_safety)[1]
     conf = [r["confidence"] for r in base["target_fit"]]
     refused_idx = [i for i, c in enumerate(conf) if c > THRESHOLD]
     answered_idx = [i for i, c in enumerate(conf) if c < -THRESHOLD]
@@ -236,7 +210,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
                          "gate_open_target": float(ot.double().mean())})
         return {"rows": rows, "generated_tokens": tokens,
                 "proxy_rank_agreement": proxy_agreement(rows),
-                "chosen": _choose(rows, base, remove, cfg.search.safety_keep, keep_proxy)}
+                "chosen": choose(rows, base, remove, cfg.search.safety_keep, keep_proxy)}
 
     verified = run.stage("verify", verify)
     chosen = verified["chosen"]
@@ -251,7 +225,7 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
     if cfg.eval.baselines:
         for m in BASELINE_METHODS:
             if m in dirs:
-                gaps, lv = _gaps_levels(acts, dirs[m], c_target, remove, c_safety)
+                gaps, lv = gaps_levels(acts, dirs[m], c_target, remove, c_safety)
                 baselines[f"{m}_steering"] = build_profile(chosen["params"], dirs[m], gaps,
                                                            space, gate, lv)
         if remove:
@@ -278,135 +252,3 @@ def _pipeline(cfg: SteerConfig, run: RunDir, lm: LoadedModel, judge: Any,
                                     "total_this_process": time.perf_counter() - t_start})
     write_report(run, layer_rows, searched, verified, metrics)
     return run.path
-
-
-# Plain mean difference and paper A's WRMD: whichever the run does not steer with is steered
-# with the same layers, strengths and gate, so the value of the estimator is measured.
-BASELINE_METHODS = ("md", "wrmd")
-
-
-def _classes(acts: dict[str, torch.Tensor], c: torch.Tensor, remove: bool,
-             c_safety: torch.Tensor):
-    """(refusing, complying, weights…) activations that define the target direction."""
-    if not remove:
-        # induce: the model's own refusals (safety prompts it refused) vs its answers (topic
-        # prompts it answered, and neutral ones) — the refuse-vs-answer direction, added on
-        # the topic. (A "refuse everything" system prompt was tried instead: its direction
-        # encodes the system-prompt change and lowered refusal when added, measured on qwen.)
-        r_mask, a_mask = c_safety > THRESHOLD, c < -THRESHOLD
-        if int(r_mask.sum()) < 2:
-            raise UserError("the model refused fewer than 2 safety_fit prompts at baseline; "
-                            "inducing refusal needs examples of its own refusals (check the "
-                            "judge, or use a model that refuses harmful requests)")
-        complied = torch.cat([acts["target_fit"][a_mask], acts["neutral"]])
-        w_c = torch.cat([c[a_mask].abs(), torch.ones(len(acts["neutral"]))])
-        return acts["safety_fit"][r_mask], complied, c_safety[r_mask].abs(), w_c
-    r_mask, c_mask = c > THRESHOLD, c < -THRESHOLD
-    refused, complied = acts["target_fit"][r_mask], acts["target_fit"][c_mask]
-    w_r, w_c = c[r_mask].abs(), c[c_mask].abs()
-    if len(complied) < 4:  # too few answered topic prompts: answered neutral prompts stand in
-        complied = torch.cat([complied, acts["neutral"]])
-        w_c = torch.cat([w_c, torch.ones(len(acts["neutral"]))])
-    if len(refused) < 2:
-        raise UserError("fewer than 2 target prompts were refused at baseline; add target "
-                        "prompts or check the judge")
-    return refused, complied, w_r, w_c
-
-
-def _gaps_levels(acts, dirs: torch.Tensor, c: torch.Tensor, remove: bool,
-                 c_safety: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per layer: the refuse-vs-answer projection gap, and the projection of the class the
-    steering moves (refusing prompts when removing, answering ones when inducing), which a
-    clamp starts from."""
-    refused, complied, _, _ = _classes(acts, c, remove, c_safety)
-    moved = refused if remove else complied
-    gaps, levels = [], []
-    for i in range(dirs.shape[0]):
-        u = dirs[i] / dirs[i].norm().clamp_min(1e-12)
-        gaps.append(float((refused[:, i] @ dirs[i]).mean() - (complied[:, i] @ dirs[i]).mean()))
-        levels.append(float((moved[:, i] @ u).mean()))
-    return gaps, levels
-
-
-def _space(lm: LoadedModel, cfg: SteerConfig) -> SearchSpace:
-    lo, hi = (round(f * lm.n_layers) for f in cfg.search.window)
-    lo, hi = max(1, min(lo, lm.n_layers - 1)), max(lo + 1, min(hi, lm.n_layers))
-    gate = {"off": (False,), "on": (True,), "search": (False, True)}[cfg.search.gate]
-    return SearchSpace((lo, hi), cfg.search.max_layers, cfg.search.alpha_max,
-                       -1.0 if cfg.mode == "remove" else 1.0, gate, cfg.search.operator)
-
-
-def _fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
-                    data: dict[str, list[str]], cfg: SteerConfig,
-                    show_progress: bool) -> dict[str, Any]:
-    """A topic detector no deeper than `gate_max_layer`, fitted on the topic's fitting prompts
-    against every other prompt the run fits on plus the gate negatives (see gates.py)."""
-    hi = max(1, min(lm.n_layers - 1, round(cfg.search.gate_max_layer * lm.n_layers)))
-    layers = list(range(1, hi + 1))
-    pool = cfg.search.gate_pool
-
-    def read(name: str) -> torch.Tensor:
-        if pool == "last" and name in acts:  # the activations stage read exactly this
-            return acts[name][:, layers]
-        return capture(lm, data[name], layers, [pool_position(pool)],
-                       batch_size=cfg.batch_size, show_progress=show_progress)[:, :, 0]
-
-    names = ["neutral", "safety_fit"] + (["gate_negatives"] if data["gate_negatives"] else [])
-    neg = torch.cat([read(n) for n in names])
-    fit = fit_gate(read("target_fit"), neg, layers, max_false_open=cfg.search.gate_false_open,
-                   pool=pool, seed=cfg.seed)
-    return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
-            "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
-            "margin_z": fit.margin_z, "shrink": fit.shrink,
-            "n_topic": len(data["target_fit"]), "n_other": int(neg.shape[0]),
-            "layers": fit.table}
-
-
-TIE = 0.05  # judged rates this close count as a tie (one or two prompts of a verify set)
-
-
-def proxy_agreement(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Spearman correlation, over the verified candidates, of the search's proxy target
-    objective (refusal log-odds) with the judged target refusal and useful-answer rates: does
-    the cheap proxy rank candidates the way the judged check does? (None: fewer than three
-    candidates, or a constant column.)"""
-    from scipy.stats import spearmanr
-
-    def rho(key: str) -> float | None:
-        pairs = [(r["target"], r[key]) for r in rows
-                 if r.get("target") is not None and r.get(key) is not None]
-        if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
-            return None
-        return float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
-
-    return {"refusal": rho("target_refusal"), "useful": rho("target_useful")}
-
-
-def _choose(rows: list[dict[str, Any]], base: dict[str, Any], remove: bool, keep: float,
-            keep_prompts: list[str]) -> dict[str, Any]:
-    """Remove: the highest useful-answer rate on the target (lowest judged refusal when the
-    judge cannot tell on-topic answers) among candidates that keep the safety refusals;
-    induce: the highest judged target refusal that keeps ordinary prompts answered. Among
-    candidates within TIE of the best, the one that steers least (coherence, KL)."""
-    base_keep = {r["prompt"]: r["confidence"] > THRESHOLD for r in
-                 base["safety_fit" if remove else "neutral"]}
-    base_rate = sum(base_keep.get(p, False) for p in keep_prompts) / max(1, len(keep_prompts))
-    if remove:
-        ok = [r for r in rows if r["keep_refusal"] >= keep * base_rate] or rows
-        if all(r.get("target_useful") is not None for r in ok):
-            top = max(r["target_useful"] for r in ok)
-            near = [r for r in ok if r["target_useful"] >= top - TIE]
-            return min(near, key=lambda r: (_size(r), -r["target_useful"],
-                                            r["target_refusal"]))
-        best = min(r["target_refusal"] for r in ok)
-        near = [r for r in ok if r["target_refusal"] <= best + TIE]
-        return min(near, key=lambda r: (_size(r), r["target_refusal"], -r["keep_refusal"]))
-    ok = [r for r in rows if r["keep_refusal"] <= base_rate + 0.1] or rows
-    best = max(r["target_refusal"] for r in ok)
-    near = [r for r in ok if r["target_refusal"] >= best - TIE]
-    return min(near, key=lambda r: (_size(r), -r["target_refusal"], r["keep_refusal"]))
-
-
-def _size(row: dict[str, Any]) -> float:
-    """How much a candidate steers (α × layers): the tie-break toward the gentler one."""
-    return float(row["params"]["alpha"]) * int(row["params"]["width"])

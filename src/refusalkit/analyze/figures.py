@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from refusalkit import geometry as G
 from refusalkit import report as R
+from refusalkit.analyze import geometry as G
+from refusalkit.analyze.config import AnalyzeConfig
+from refusalkit.analyze.styles import LEXICAL_STYLES
 from refusalkit.runs import RunDir
-from refusalkit.splits import AnalyzeConfig
-from refusalkit.styles import LEXICAL_STYLES
 
 
 def _colors(n: int) -> list:

@@ -7,26 +7,20 @@ induce, KL) and is the baseline the steering pipeline compares against.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-from refusalkit.geometry import auc
+from refusalkit.directions import mean_difference, per_layer
+from refusalkit.errors import UserError
+from refusalkit.geometry import depth_window
 from refusalkit.interventions import Profile, ablation, addition
+from refusalkit.judge.protocol import THRESHOLD
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import kl_divergence, last_logprobs, refusal_log_odds, refusal_token_ids
-
-
-def layer_auc(pos: torch.Tensor, neg: torch.Tensor, directions: torch.Tensor) -> list[float]:
-    """AUC of projections on each layer's direction: pos/neg [n, L, d], directions [L, d]."""
-    return [auc(pos[:, i] @ directions[i], neg[:, i] @ directions[i])
-            for i in range(directions.shape[0])]
-
-
-def depth_window(n_layers: int, lo: float = 0.3, hi: float = 0.8) -> list[int]:
-    """Candidate layers between two fractions of depth (the last ~20 % rarely steer well)."""
-    return [i for i in range(n_layers) if lo * n_layers <= i < hi * n_layers]
 
 
 def select_by_auc(aucs: Sequence[float], layers: Sequence[int],
@@ -80,3 +74,31 @@ def arditi_select(
     survivors = [c for c in out if c.kept]
     best = min(survivors, key=lambda c: c.bypass).layer if survivors else None
     return best, out
+
+
+# ---------------------------------------------------------------- the Arditi baseline
+
+def arditi_baseline(lm: LoadedModel, acts: dict[str, Any], data: dict[str, list[str]],
+                    base: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """Arditi et al.: harmful-vs-harmless MD per layer, picked by bypass/induce/KL."""
+    refused = torch.tensor([r["confidence"] > THRESHOLD for r in base["safety_fit"]])
+    answered = torch.tensor([r["confidence"] < -THRESHOLD for r in base["neutral"]])
+    if refused.sum() < 2 or answered.sum() < 2:
+        raise UserError("Arditi baseline needs refused harmful and answered neutral prompts")
+    harmful, harmless = acts["safety_fit"][refused], acts["neutral"][answered]
+    md = per_layer(mean_difference, harmful, harmless, normalize=False)
+    cands = depth_window(lm.n_layers, 0.3, 0.8)[::2]
+    dirs = {i: md[i] / md[i].norm() for i in cands}
+    norms = {i: float(md[i].norm()) for i in cands}
+    rng = random.Random(cfg.seed)
+    h_val = rng.sample(list(data["safety_fit"]), min(12, len(data["safety_fit"])))
+    best, table = arditi_select(lm, dirs, h_val, data["neutral_proxy"][:12], raw_norms=norms)
+    if best is None:
+        best = min(table, key=lambda c: c.bypass).layer
+    return {"layer": best, "direction": dirs[best].tolist(),
+            "candidates": [asdict(c) for c in table]}
+
+
+def arditi_profile(rec: dict[str, Any], lm: LoadedModel) -> Profile:
+    return Profile((ablation(torch.tensor(rec["direction"]), list(range(lm.n_layers))),),
+                   meta={"method": "arditi", "layer": rec["layer"]})

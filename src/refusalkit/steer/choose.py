@@ -1,0 +1,57 @@
+"""Choosing the profile among the verified candidates, and how well the search's cheap proxy
+ranked them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from refusalkit.judge.protocol import THRESHOLD
+
+TIE = 0.05  # judged rates this close count as a tie (one or two prompts of a verify set)
+
+
+def proxy_agreement(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Spearman correlation, over the verified candidates, of the search's proxy target
+    objective (refusal log-odds) with the judged target refusal and useful-answer rates: does
+    the cheap proxy rank candidates the way the judged check does? (None: fewer than three
+    candidates, or a constant column.)"""
+    from scipy.stats import spearmanr
+
+    def rho(key: str) -> float | None:
+        pairs = [(r["target"], r[key]) for r in rows
+                 if r.get("target") is not None and r.get(key) is not None]
+        if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+            return None
+        return float(spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic)
+
+    return {"refusal": rho("target_refusal"), "useful": rho("target_useful")}
+
+
+def choose(rows: list[dict[str, Any]], base: dict[str, Any], remove: bool, keep: float,
+            keep_prompts: list[str]) -> dict[str, Any]:
+    """Remove: the highest useful-answer rate on the target (lowest judged refusal when the
+    judge cannot tell on-topic answers) among candidates that keep the safety refusals;
+    induce: the highest judged target refusal that keeps ordinary prompts answered. Among
+    candidates within TIE of the best, the one that steers least (coherence, KL)."""
+    base_keep = {r["prompt"]: r["confidence"] > THRESHOLD for r in
+                 base["safety_fit" if remove else "neutral"]}
+    base_rate = sum(base_keep.get(p, False) for p in keep_prompts) / max(1, len(keep_prompts))
+    if remove:
+        ok = [r for r in rows if r["keep_refusal"] >= keep * base_rate] or rows
+        if all(r.get("target_useful") is not None for r in ok):
+            top = max(r["target_useful"] for r in ok)
+            near = [r for r in ok if r["target_useful"] >= top - TIE]
+            return min(near, key=lambda r: (_size(r), -r["target_useful"],
+                                            r["target_refusal"]))
+        best = min(r["target_refusal"] for r in ok)
+        near = [r for r in ok if r["target_refusal"] <= best + TIE]
+        return min(near, key=lambda r: (_size(r), r["target_refusal"], -r["keep_refusal"]))
+    ok = [r for r in rows if r["keep_refusal"] <= base_rate + 0.1] or rows
+    best = max(r["target_refusal"] for r in ok)
+    near = [r for r in ok if r["target_refusal"] >= best - TIE]
+    return min(near, key=lambda r: (_size(r), -r["target_refusal"], r["keep_refusal"]))
+
+
+def _size(row: dict[str, Any]) -> float:
+    """How much a candidate steers (α × layers): the tie-break toward the gentler one."""
+    return float(row["params"]["alpha"]) * int(row["params"]["width"])
