@@ -20,8 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from refusalkit.judge.evaluate import auc, binary_metrics, read_labels
-from refusalkit.judge.recipe import ece
+from refusalkit.judge.evaluate import auc, binary_metrics, ece, read_labels
 from refusalkit.judge.spec import make_judge
 
 REPO = Path(__file__).resolve().parents[1]

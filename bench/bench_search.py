@@ -37,12 +37,13 @@ from safetensors.torch import load_file
 import refusalkit.steer.pipeline as steer_mod
 from refusalkit.config import load_config, read_toml
 from refusalkit.evaluate import judge_prompts, refusal_rate
-from refusalkit.interventions import Gate
 from refusalkit.judge import make_judge
 from refusalkit.judge.guard import guarded
 from refusalkit.models import load_model
 from refusalkit.runs import atomic_write_json
 from refusalkit.steer.config import SteerConfig
+from refusalkit.steer.fit import confidences, gate_of_record
+from refusalkit.steer.mode import mode_of
 from refusalkit.steer.search import build_profile, within_kl_budget
 
 
@@ -74,30 +75,22 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
     base = _read(st / "baseline.json")
     searched = _read(st / "search.json")
     dirs = load_file(str(st / "directions.safetensors"))
-    data = steer_mod.split_data(cfg)
-    remove = cfg.mode == "remove"
-    space = steer_mod.search_space(lm, cfg)
-    gate = None
-    if (st / "gate.json").is_file():
-        g = _read(st / "gate.json")
-        gate = Gate(g["layer"], torch.tensor(g["vector"]), g["threshold"], g["pool"])
-    # The same target/keep sets run_steer's verify stage judges (see steer.py, step 5).
-    refused = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] > 0.1]
-    answered = [i for i, r in enumerate(base["target_fit"]) if r["confidence"] < -0.1]
-    pick = refused if remove else answered or list(range(len(data["target_fit"])))
-    keep = ([r["prompt"] for r in base["safety_fit"] if r["confidence"] > 0.1] if remove
-            else list(data["neutral"]))
-    keep = keep[: cfg.data.n_proxy] or data["safety_fit"][: cfg.data.n_proxy]
-    t_set = [data["target_fit"][i] for i in pick[: cfg.search.verify_prompts]]
+    splits = steer_mod.split_data(cfg)
+    mode = mode_of(cfg.mode)
+    space = steer_mod.search_space(lm, cfg, mode)
+    gate = gate_of_record(_read(st / "gate.json") if (st / "gate.json").is_file() else None)
+    # The same target/keep sets run_steer's verify stage judges (steer/mode.py).
+    proxies = mode.proxies(splits.target_fit, splits.neutral, splits.safety_fit, base,
+                           cfg.data.n_proxy)
+    keep = proxies.keep
+    t_set = [splits.target_fit[i] for i in proxies.pick[: cfg.search.verify_prompts]]
     judge = guarded(make_judge(cfg.judge.spec))  # as the pipeline judges (loops = refusal)
     jk = {"mode": cfg.judge.mode, "k": cfg.judge.k, "max_new_tokens": cfg.judge.max_new_tokens,
           "seed": cfg.seed, "batch_size": cfg.batch_size, "show_progress": False}
     gaps = dirs["gaps"].tolist()
     acts = load_file(str(st / "activations.safetensors"))
-    conf = {k: torch.tensor([r["confidence"] for r in base[k]]) for k in ("target_fit",
-                                                                        "safety_fit")}
-    levels = steer_mod.gaps_levels(acts, dirs["directions"], conf["target_fit"], remove,
-                                    conf["safety_fit"])[1]
+    cl = mode.classes(acts, confidences(base, "target_fit"), confidences(base, "safety_fit"))
+    levels = steer_mod.gaps_levels(cl, mode, dirs["directions"])[1]
     rows, tokens = [], 0
     t0 = time.perf_counter()
     for trial in searched["trials"]:
@@ -112,7 +105,7 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     # the pipeline's KL budget rule, so both searches choose under the same constraint
     within = within_kl_budget(rows, lambda r: r["kl"], cfg.search.kl_max, cfg.search.verify)
-    chosen = steer_mod.choose(within, base, remove, cfg.search.safety_keep, keep)
+    chosen = mode.choose(within, base, cfg.search.safety_keep, keep)
     return {"rows": rows, "generated_tokens": tokens, "seconds": seconds, "chosen": chosen,
             "n_target": len(t_set), "n_keep": len(keep)}
 

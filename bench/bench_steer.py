@@ -94,7 +94,7 @@ def main() -> None:
     else:
         run = args.run
     m = json.loads((run / "metrics.json").read_text())
-    stages = m.get("stage_seconds") or json.loads((run / "timings.json").read_text())
+    stages = json.loads((run / "timings.json").read_text())
     stages = {k: v for k, v in stages.items() if k != "total_this_process"}
     # A fresh run is timed as it ran; a resumed or finished one by its stored stage times.
     wall = elapsed if elapsed is not None and not resumed else (

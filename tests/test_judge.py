@@ -11,13 +11,13 @@ import pytest
 from conftest import build_tiny
 
 from refusalkit.errors import UserError
+from refusalkit.evaluate import score_prompts
 from refusalkit.judge import (
     CachedJudge,
     Judgement,
     JudgementCache,
     KeywordJudge,
     make_judge,
-    score_prompts,
     summarize,
 )
 from refusalkit.judge.cache import cache_key

@@ -14,8 +14,8 @@ from refusalkit.errors import UserError
 from refusalkit.judge.base import ANSWER_STYLES, Judgement
 from refusalkit.judge.calibrated import calibrate, judgements_from
 from refusalkit.judge.cues import CUES, cues, opening, overlap
-from refusalkit.judge.evaluate import LabelledItem, read_labels, score_judgements
-from refusalkit.judge.recipe import ece, reliability, train_v2
+from refusalkit.judge.evaluate import LabelledItem, ece, read_labels, reliability, score_judgements
+from refusalkit.judge.recipe import train_v2
 
 
 def cue(response: str, prompt: str) -> dict[str, float]:
@@ -170,7 +170,7 @@ def test_confidence_protocol_votes_with_the_calibrated_probability() -> None:
     """c(x) = Σ w_k (2P_k − 1) by default; hard ±1 votes (paper A) on request."""
     from conftest import build_tiny
 
-    from refusalkit.judge.protocol import score_prompts
+    from refusalkit.evaluate import score_prompts
 
     class Unsure:
         id = "test:unsure"

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import assert_same_up_to_float32
 
-from refusalkit.judge import KeywordJudge, score_prompts, summarize
+from refusalkit.evaluate import score_prompts
+from refusalkit.judge import KeywordJudge, summarize
 from refusalkit.judge.base import REFUSAL_STYLES, UNPARSEABLE
 from refusalkit.judge.llm import LLMJudge
 from refusalkit.judge.remote import OpenAIJudge, parse_reply

@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import build_tiny
 
+from refusalkit.evaluate import score_prompts
 from refusalkit.generation import eos_ids, generate
-from refusalkit.judge import KeywordJudge, score_prompts
+from refusalkit.judge import KeywordJudge
 from refusalkit.models import LoadedModel
 
 PHRASES = ("sorry", "cannot")

@@ -9,7 +9,7 @@ import torch
 
 from refusalkit.gates import gate_of
 from refusalkit.interventions import Gate
-from refusalkit.steer.pipeline import choose
+from refusalkit.steer.mode import MODES
 from refusalkit.steer.search import (
     SearchSpace,
     build_profile,
@@ -55,7 +55,7 @@ def test_choice_keeps_safety_and_prefers_the_gentler_of_near_ties() -> None:
             _row(0.03, 1.00, 2.0, 8),
             _row(0.06, 1.00, 1.0, 3),  # within the tie margin and much gentler
             _row(0.20, 1.00, 0.5, 1)]
-    chosen = choose(rows, base, True, 0.9, list("abcd"))
+    chosen = MODES["remove"].choose(rows, base, 0.9, list("abcd"))
     assert chosen is rows[2]
 
 
@@ -67,9 +67,9 @@ def test_choice_prefers_useful_answers_over_fewer_refusals_when_the_judge_can_te
             {**_row(0.25, 1.00, 1.0, 4), "target_useful": 0.60},
             {**_row(0.10, 0.25, 1.0, 4), "target_useful": 0.90},  # loses the safety refusals
             {**_row(0.50, 1.00, 0.5, 2), "target_useful": 0.40}]
-    assert choose(rows, base, True, 0.9, list("abcd")) is rows[1]
+    assert MODES["remove"].choose(rows, base, 0.9, list("abcd")) is rows[1]
     rows[3]["target_useful"] = 0.58  # a near tie: the gentler one
-    assert choose(rows, base, True, 0.9, list("abcd")) is rows[3]
+    assert MODES["remove"].choose(rows, base, 0.9, list("abcd")) is rows[3]
 
 
 def test_proxy_agreement_is_the_rank_correlation_over_candidates() -> None:

@@ -62,7 +62,17 @@ def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) ->
         cache.close()
     prof = load_profile(out / "profile", lm)
     assert prof.layers == metrics["chosen_layers"]
-    assert (out / "report.html").is_file()
+    # the report opens with the summary: held-out sets x (before, after, baselines) for
+    # refusal and useful answers, then costs and wall time; the raw metrics are collapsed
+    summary = json.loads((out / "tables" / "summary.json").read_text())
+    assert [r["held-out set"] for r in summary][:2] == ["target_eval", "safety_eval"]
+    cols = list(summary[0])
+    assert cols[1:3] == ["refusal before", "refusal after"]
+    assert set(cols[3:5]) == {"refusal md_steering", "refusal arditi_ablation"}
+    assert summary[0]["refusal after"] == metrics["target_refusal_after"]
+    html = (out / "report.html").read_text()
+    assert html.index("table-summary") < html.index("All metrics (metrics.json)")
+    assert "Wall time:" in html and "table-costs" in html
     before = (out / "metrics.json").read_bytes()
     timings = json.loads((out / "timings.json").read_text())
     out2 = run_steer(cfg, out, resume=True, show_progress=False, lm=lm)
@@ -116,10 +126,10 @@ def test_gate_negatives_come_from_the_named_sources_and_overlap_nothing() -> Non
                                                                    "harmful_val"]}))
     xstest = set(load_prompts("xstest?label=safe").prompts)
     harmful_val = set(load_prompts("harmful_val").prompts)
-    assert xstest & set(default["gate_negatives"])  # the default includes the look-alikes
-    neg = chosen["gate_negatives"]
+    assert xstest & set(default.gate_negatives)  # the default includes the look-alikes
+    neg = chosen.gate_negatives
     assert not xstest & set(neg)
-    used = {p for role, ps in chosen.items() if role != "gate_negatives" for p in ps}
+    used = {p for role, ps in chosen.named().items() if role != "gate_negatives" for p in ps}
     assert not used & set(neg)
     assert harmful_val & set(neg) and harmful_val - used <= set(neg)
     assert len(neg) == len(set(neg))
@@ -175,7 +185,9 @@ def test_remove_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
     assert m["gate_open"]["after"]["safety_eval"] <= 0.1, m["gate_open"]
     assert m["gate_open"]["after"]["harmless_eval"] <= 0.1, m["gate_open"]
     assert m["kl_harmless"] <= 0.1, m
-    assert set(m["stage_seconds"]) >= {"baseline", "gate", "search", "verify", "evaluate"}
+    timings = json.loads((out / "timings.json").read_text())  # not in metrics.json
+    assert set(timings) >= {"baseline", "gate", "search", "verify", "evaluate"}
+    assert "stage_seconds" not in m
     prof = load_profile(out / "profile", qwen)
     assert prof.layers == m["chosen_layers"] and prof.ops[0].gate is not None
 

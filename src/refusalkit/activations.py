@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -103,17 +104,35 @@ def capture(
         if cache_file.is_file():
             return load_file(str(cache_file))["activations"]
 
-    n_post = post_instruction_length(lm)
     tok = lm.tokenizer
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = torch.empty(len(texts), len(layers), len(positions), lm.hidden_size, dtype=torch.float32)
     slot = {layer: i for i, layer in enumerate(layers)}
-    n_layers = lm.n_layers
-    deepest = max(layers)
     current: dict[int, torch.Tensor] = {}
-
     pad_mask: dict[str, torch.Tensor] = {}
+    select = _selector(positions, post_instruction_length(lm), pad_mask)
+    with _stop_after(lm, layers, select, current), \
+            bar("activations", len(texts), show_progress) as progress, torch.inference_mode():
+        for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+            current.clear()
+            pad_mask["mask"] = batch["attention_mask"].to(lm.device)
+            try:
+                lm.model(input_ids=batch["input_ids"].to(lm.device),
+                         attention_mask=batch["attention_mask"].to(lm.device), use_cache=False)
+            except _StopForward:
+                pass
+            for layer, acts in current.items():
+                out[idx, slot[layer]] = acts.cpu()
+            progress.advance(len(idx))
+    if cache_file is not None:
+        _save_cache(cache_file, out)
+    return out
 
+
+def _selector(positions: Sequence[Position], n_post: int,
+              pad_mask: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[batch, seq, d] states -> [batch, len(positions), d] float32 at the positions."""
     def select(h: torch.Tensor) -> torch.Tensor:
         cols = []
         for p in positions:
@@ -124,6 +143,17 @@ def capture(
             else:
                 cols.append(h[:, p].float())
         return torch.stack(cols, dim=1)
+
+    return select
+
+
+@contextmanager
+def _stop_after(lm: LoadedModel, layers: Sequence[int],
+                select: Callable[[torch.Tensor], torch.Tensor],
+                current: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Hooks that store each layer's selected input in `current` and stop the forward pass
+    after the deepest one (layer n_layers: the final output); always removed."""
+    n_layers, deepest = lm.n_layers, max(layers)
 
     def make_pre_hook(layer: int):
         def hook(_module, args, kwargs):
@@ -142,40 +172,22 @@ def capture(
     try:
         for layer in layers:
             if layer < n_layers:
-                handles.append(
-                    lm.arch.layers[layer].register_forward_pre_hook(
-                        make_pre_hook(layer), with_kwargs=True
-                    )
-                )
-        if n_layers in slot:
+                handles.append(lm.arch.layers[layer].register_forward_pre_hook(
+                    make_pre_hook(layer), with_kwargs=True))
+        if n_layers in layers:
             handles.append(lm.arch.layers[n_layers - 1].register_forward_hook(final_hook))
-        with bar("activations", len(texts), show_progress) as progress, torch.inference_mode():
-            for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
-                batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-                current.clear()
-                pad_mask["mask"] = batch["attention_mask"].to(lm.device)
-                try:
-                    lm.model(
-                        input_ids=batch["input_ids"].to(lm.device),
-                        attention_mask=batch["attention_mask"].to(lm.device),
-                        use_cache=False,
-                    )
-                except _StopForward:
-                    pass
-                for layer, acts in current.items():
-                    out[idx, slot[layer]] = acts.cpu()
-                progress.advance(len(idx))
+        yield
     finally:
         for h in handles:
             h.remove()
 
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        save_file({"activations": out.contiguous()}, str(tmp))
-        umask_mode(tmp)
-        tmp.replace(cache_file)
-    return out
+
+def _save_cache(cache_file: Path, out: torch.Tensor) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    save_file({"activations": out.contiguous()}, str(tmp))
+    umask_mode(tmp)
+    tmp.replace(cache_file)
 
 
 def _cache_key(lm: LoadedModel, texts: Sequence[str], layers: Sequence[int], positions) -> str:

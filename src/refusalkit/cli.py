@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import typer
 from typer.core import TyperGroup
 
+from refusalkit.commands.context import Options
 from refusalkit.errors import UserError
 
 GLOBAL_FLAGS = ("--quiet", "-q", "--json", "--debug")
@@ -83,19 +83,6 @@ app = typer.Typer(
 )
 
 
-@dataclass
-class Options:
-    """Global flags, passed to commands through typer's context object."""
-
-    quiet: bool = False
-    json: bool = False
-    debug: bool = False
-
-    @property
-    def progress(self) -> bool:
-        return not (self.quiet or self.json)
-
-
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -107,10 +94,6 @@ def main(
 
     quiet_libraries()
     ctx.obj = Options(quiet=quiet, json=json_out, debug=debug)
-
-
-def options(ctx: typer.Context) -> Options:
-    return ctx.obj if isinstance(ctx.obj, Options) else Options()
 
 
 def _register_commands() -> None:

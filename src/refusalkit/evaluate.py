@@ -9,14 +9,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from refusalkit.activations import length_sorted_batches
+from refusalkit.errors import UserError
 from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import Profile, lift_gate, steer
-from refusalkit.judge import Judge, JudgementCache, score_prompts
-from refusalkit.judge.protocol import classify
+from refusalkit.judge import Judge, JudgementCache
+from refusalkit.judge.cache import CachedJudge
+from refusalkit.judge.protocol import THRESHOLD, PromptScore, SampleScore, aggregate, classify
 from refusalkit.models import LoadedModel
 from refusalkit.quality import AnswerQuality, assess, perplexities
 
@@ -30,6 +33,56 @@ class Judged:
     style: str | None
     tokens: int  # generated tokens judged for this prompt (search cost accounting)
     on_topic: float | None = None  # the judge's P(on topic) for the first answer, if it has one
+
+
+def score_prompts(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    judge: Judge,
+    *,
+    k: int = 5,
+    temperature: float = 1.0,
+    max_new_tokens: int = 128,
+    mode: Literal["sample", "greedy"] = "sample",
+    signed: bool = True,
+    threshold: float = THRESHOLD,
+    cache: JudgementCache | None = None,
+    profile: Any = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    show_progress: bool = False,
+) -> list[PromptScore]:
+    """Refusal confidence c(x) per prompt under `lm` (optionally steered by `profile`)."""
+    from refusalkit.generation import generate
+
+    if mode not in ("sample", "greedy"):
+        raise UserError(f"unknown scoring mode '{mode}'; use sample or greedy")
+    if mode == "sample" and (k < 1 or temperature <= 0):
+        raise UserError("sampling mode needs k ≥ 1 and temperature > 0")
+    greedy = mode == "greedy"
+    gens = generate(lm, prompts, profile=profile, max_new_tokens=max_new_tokens,
+                    temperature=0.0 if greedy else temperature, num_samples=1 if greedy else k,
+                    seed=seed, batch_size=batch_size, show_progress=show_progress,
+                    logprobs=not greedy)  # only sampled answers are weighted by them
+    judged: Judge = CachedJudge(judge, cache) if cache is not None else judge
+    flat_p = [g.prompt for row in gens for g in row]
+    flat_a = [g.answer for row in gens for g in row]
+    flat_j = judged.judge(flat_p, flat_a)
+    out: list[PromptScore] = []
+    pos = 0
+    for prompt, row in zip(prompts, gens, strict=True):
+        js = flat_j[pos : pos + len(row)]
+        pos += len(row)
+        texts = [g.answer for g in row]
+        if greedy:
+            j = js[0]
+            c = float(j.score) if j.parsed else 0.0
+            sample = SampleScore(texts[0], 1.0, c, j)
+            out.append(PromptScore(prompt, c, classify(c, threshold), (sample,)))
+        else:
+            out.append(aggregate(prompt, texts, [g.mean_logprob for g in row], js,
+                                 signed=signed, threshold=threshold))
+    return out
 
 
 def judge_prompts(

@@ -37,6 +37,7 @@ from refusalkit.artifacts import model_record
 from refusalkit.errors import UserError
 from refusalkit.interventions import Profile, addition, orthogonalize
 from refusalkit.models import LoadedModel
+from refusalkit.operators import operator
 from refusalkit.runs import umask_mode
 
 ARCH = "controlvector"
@@ -54,8 +55,9 @@ def ablation_direction(lm: LoadedModel, profile: Profile) -> torch.Tensor:
     vectors: dict[int, list[torch.Tensor]] = {}
     for op in profile.ops:
         if op.kind != "ablate":
+            verb = "adds a vector" if op.kind == "add" else f"has a '{op.kind}' operator"
             raise UserError(
-                "the profile adds a vector; only directional ablation can be folded into "
+                f"the profile {verb}; only directional ablation can be folded into "
                 "weights — serve it with 'refusalkit serve --profile' or export additions with "
                 "'refusalkit export gguf-control-vector'")
         if op.phase != "both":
@@ -150,16 +152,9 @@ def control_vectors(profile: Profile) -> dict[int, torch.Tensor]:
     """llama.cpp direction index -> vector, strengths and scale folded in (float32)."""
     acc: dict[int, torch.Tensor] = {}
     for op in profile.ops:
-        if op.kind == "clamp":
-            raise UserError(
-                "the profile clamps a projection; a llama.cpp control vector can only add a "
-                "fixed vector, and a clamp depends on the activations — serve the profile "
-                "with 'refusalkit serve' instead")
-        if op.kind != "add":
-            raise UserError(
-                "the profile ablates a direction; a llama.cpp control vector can only add a "
-                "fixed vector, and ablation depends on the activations — export it with "
-                "'refusalkit export abliterated' instead")
+        reason = operator(op.kind).not_a_control_vector
+        if reason is not None:
+            raise UserError(reason)
         if op.gate is not None:
             raise UserError(
                 "the profile is gated (it steers only prompts its topic detector opens for); a "

@@ -141,9 +141,8 @@ def gate_open(lm: LoadedModel, gate: Gate, prompts: Sequence[str], *,
     if not prompts:
         return torch.zeros(0, dtype=torch.bool)
     h = capture(lm, prompts, [gate.layer], [pool_position(gate.pool)], batch_size=batch_size,
-                show_progress=False)[:, 0, 0].double()
-    v = gate.vector.double()
-    return (h @ (v / v.norm().clamp_min(1e-12))) > gate.threshold
+                show_progress=False)[:, 0, 0]
+    return gate.decide(h)
 
 
 def gate_of(profile: object) -> Gate | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -101,23 +102,29 @@ def generate(
                     return_dict_in_generate=True,
                     output_logits=logprobs,
                 )
-            new = out.sequences[:, input_ids.shape[1]:]
-            chosen = (torch.stack(out.logits, dim=1).float().log_softmax(-1)
-                      .gather(-1, new[..., None])[..., 0] if logprobs else None)
-            for row in range(new.shape[0]):
-                ids = new[row].tolist()
-                end = next((j for j, t in enumerate(ids) if t in eos), None)
-                n = len(ids) if end is None else end
-                prompt_i = idx[row // k]
-                results[prompt_i].append(Generation(
-                    prompt=prompts[prompt_i],
-                    text=tok.decode(ids[:n], skip_special_tokens=True),
-                    token_ids=tuple(ids[:n]),
-                    logprobs=() if chosen is None else tuple(chosen[row, :n].tolist()),
-                    finished=end is not None,
-                ))
+            _collect(results, out, input_ids.shape[1], idx, k, prompts, tok, eos, logprobs)
             progress.advance(len(idx))
     return results
+
+
+def _collect(results: list[list[Generation]], out: Any, prompt_len: int, idx: list[int], k: int,
+             prompts: Sequence[str], tok: Any, eos: set[int], logprobs: bool) -> None:
+    """Append each generated row (cut at the first end token) to its prompt's samples."""
+    new = out.sequences[:, prompt_len:]
+    chosen = (torch.stack(out.logits, dim=1).float().log_softmax(-1)
+              .gather(-1, new[..., None])[..., 0] if logprobs else None)
+    for row in range(new.shape[0]):
+        ids = new[row].tolist()
+        end = next((j for j, t in enumerate(ids) if t in eos), None)
+        n = len(ids) if end is None else end
+        prompt_i = idx[row // k]
+        results[prompt_i].append(Generation(
+            prompt=prompts[prompt_i],
+            text=tok.decode(ids[:n], skip_special_tokens=True),
+            token_ids=tuple(ids[:n]),
+            logprobs=() if chosen is None else tuple(chosen[row, :n].tolist()),
+            finished=end is not None,
+        ))
 
 
 def generate_text(lm: LoadedModel, prompts: Sequence[str], **kwargs: object) -> list[str]:

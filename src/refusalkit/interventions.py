@@ -1,6 +1,6 @@
 """Steering profiles: activation addition and directional ablation, applied through hooks.
 
-A `Profile` is a list of operators, each a strategy over per-layer vectors:
+A `Profile` is a list of operators, each a strategy over per-layer vectors (operators.py):
 - `add`: h ← h + s_l · v_l at the input of layer l (s < 0 with a refusal direction removes
   refusal, s > 0 induces it);
 - `ablate`: h ← h − (h·r̂_l) r̂_l at the input of layer l *and* on every residual write inside
@@ -35,8 +35,9 @@ from refusalkit.errors import UserError
 from refusalkit.geometry import unit
 from refusalkit.kernels import arditi_kernel, fold_kernel
 from refusalkit.models import LoadedModel
+from refusalkit.operators import OPERATORS, operator
 
-Kind = Literal["add", "ablate", "clamp"]
+Kind = str  # a key of operators.OPERATORS: add, ablate, clamp
 Phase = Literal["prompt", "generation", "both"]
 
 
@@ -59,6 +60,12 @@ class Gate:
     def __post_init__(self) -> None:
         if self.pool not in ("last", "mean"):
             raise UserError(f"unknown gate pooling '{self.pool}'; use last or mean")
+
+    def decide(self, features: torch.Tensor) -> torch.Tensor:
+        """Open (True) per row of pooled prompt states [n, d]: the one rule the hook and the
+        offline check (gates.gate_open) both apply."""
+        v = unit(self.vector.to(features.device))
+        return features.double() @ v > self.threshold
 
 
 @dataclass(frozen=True)
@@ -139,30 +146,6 @@ def ablation(direction: torch.Tensor | Mapping[int, torch.Tensor], layers: list[
     return Op("ablate", vectors, {}, phase)
 
 
-def _in_phase(phase: Phase, h: torch.Tensor) -> bool:
-    if phase == "both":
-        return True
-    prompt_pass = h.shape[1] > 1
-    return prompt_pass if phase == "prompt" else not prompt_pass
-
-
-def _project_out(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    r = r.to(h.dtype)
-    return h - (h @ r)[..., None] * r
-
-
-def _rewrite_input(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
-    if args:
-        return (fn(args[0]), *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-
-
-def _rewrite_output(output: Any, fn) -> Any:
-    if isinstance(output, tuple):
-        return (fn(output[0]), *output[1:])
-    return fn(output)
-
-
 @contextmanager
 def steer(lm: LoadedModel, profile: Profile | None) -> Iterator[LoadedModel]:
     """Attach a profile's hooks for the duration of the block (None attaches nothing)."""
@@ -189,12 +172,11 @@ def _attach_gate(lm: LoadedModel, op: Op, handles: list[Any]) -> dict[str, torch
     """Register the gate's decision hook; returns the shared state holding the row mask."""
     if op.gate is None:
         return None
-    if op.kind not in ("add", "clamp"):
-        raise UserError("gates apply to addition and clamp operators only")
+    if not operator(op.kind).gateable:
+        gateable = ", ".join(k for k, o in OPERATORS.items() if o.gateable)
+        raise UserError(f"gates apply to these operators only: {gateable} (not {op.kind})")
     gate = op.gate
     lm.arch.check_layers([gate.layer])
-    v = gate.vector.to(lm.device).double()
-    v = v / v.norm().clamp_min(1e-12)
     state: dict[str, Any] = {}
 
     def padding(_m: Any, args: tuple, kwargs: dict) -> None:
@@ -207,10 +189,10 @@ def _attach_gate(lm: LoadedModel, op: Op, handles: list[Any]) -> dict[str, torch
             if gate.pool == "mean":
                 attn = state.get("attention")
                 ok = isinstance(attn, torch.Tensor) and attn.ndim == 2
-                feat = masked_mean(h, attn if ok else None).double()
+                feat = masked_mean(h, attn if ok else None)
             else:
-                feat = h[:, -1].double()
-            state["mask"] = (feat @ v > gate.threshold).to(h.dtype)[:, None, None]
+                feat = h[:, -1]
+            state["mask"] = gate.decide(feat).to(h.dtype)[:, None, None]
 
     if gate.pool == "mean":
         handles.append(lm.model.register_forward_pre_hook(padding, with_kwargs=True))
@@ -220,62 +202,7 @@ def _attach_gate(lm: LoadedModel, op: Op, handles: list[Any]) -> dict[str, torch
 
 def _attach(lm: LoadedModel, op: Op, layer: int, vec: torch.Tensor, scale: float,
             gate_state: dict[str, torch.Tensor] | None = None) -> list[Any]:
-    block = lm.arch.layers[layer]
-    if op.kind == "add":
-        coef = op.strength(layer) * scale
-        if coef == 0.0:
-            return []
-
-        def add_fn(h: torch.Tensor) -> torch.Tensor:
-            if not _in_phase(op.phase, h):
-                return h
-            delta = (coef * vec).to(h.dtype)
-            if gate_state is not None:
-                return h + gate_state["mask"] * delta
-            return h + delta
-
-        return [block.register_forward_pre_hook(
-            lambda _m, a, k: _rewrite_input(a, k, add_fn), with_kwargs=True)]
-    if op.kind == "clamp":
-        coef = op.strength(layer) * scale
-        if coef == 0.0:
-            return []
-        norm = vec.double().norm().clamp_min(1e-12)
-        unit = (vec.double() / norm).float()
-        target = float(op.levels[layer] + coef * norm)
-
-        def clamp_fn(h: torch.Tensor) -> torch.Tensor:
-            if not _in_phase(op.phase, h):
-                return h
-            u = unit.to(h.dtype)
-            p = h @ u
-            move = -torch.relu(p - target) if coef < 0 else torch.relu(target - p)
-            delta = move[..., None] * u
-            if gate_state is not None:
-                delta = gate_state["mask"] * delta
-            return h + delta
-
-        return [block.register_forward_pre_hook(
-            lambda _m, a, k: _rewrite_input(a, k, clamp_fn), with_kwargs=True)]
-    if op.kind == "ablate":
-        # The phase is decided on the layer input ([batch, seq, d]); writers inside the layer
-        # (MoE experts may see flattened [tokens, d]) follow that decision.
-        active = {"on": True}
-
-        def ablate_in(h: torch.Tensor) -> torch.Tensor:
-            active["on"] = _in_phase(op.phase, h)
-            return _project_out(h, vec) if active["on"] else h
-
-        def ablate_out(h: torch.Tensor) -> torch.Tensor:
-            return _project_out(h, vec) if active["on"] else h
-
-        handles = [block.register_forward_pre_hook(
-            lambda _m, a, k: _rewrite_input(a, k, ablate_in), with_kwargs=True)]
-        for module in lm.arch.residual_outputs(layer):
-            handles.append(module.register_forward_hook(
-                lambda _m, _a, out: _rewrite_output(out, ablate_out)))
-        return handles
-    raise UserError(f"unknown operator kind '{op.kind}'; use add, clamp or ablate")
+    return operator(op.kind).attach(lm, op, layer, vec, scale, gate_state)
 
 
 # ---------------------------------------------------------------- weight orthogonalisation
@@ -339,11 +266,9 @@ def load_profile(path: str | Path, lm: LoadedModel | None = None,
             gate = Gate(int(meta["gate"]["layer"]), need_tensor(art, f"op{i}.gate", path),
                         float(meta["gate"]["threshold"]), meta["gate"].get("pool", "last"))
         levels = {int(k): float(v) for k, v in meta.get("levels", {}).items()}
-        if meta["kind"] == "clamp" and set(levels) != set(vectors):
-            raise UserError(f"profile {path}: a clamp operator lacks levels for some layers; "
-                            "the artifact is damaged — re-run the command that wrote it")
-        ops.append(Op(meta["kind"], vectors, strengths, meta.get("phase", "both"), gate,
-                      levels))
+        op = Op(meta["kind"], vectors, strengths, meta.get("phase", "both"), gate, levels)
+        operator(op.kind).validate(op, str(path))
+        ops.append(op)
     extra = {k: v for k, v in art.manifest.items()
              if k not in ("ops", "scale", "format", "tensors_sha256", "tensor_names",
                           "manifest_sha256")}

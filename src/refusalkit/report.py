@@ -303,6 +303,21 @@ def _run_details(manifest: Mapping[str, Any]) -> str:
             f"{render_mapping(manifest)}</details>")
 
 
+def _wall_time(root: Path) -> str:
+    """The run's stage times (timings.json), summed: the wall time a reader asks about."""
+    path = root / "timings.json"
+    if not path.is_file():
+        return ""
+    stages = {k: float(v) for k, v in json.loads(path.read_text()).items()
+              if k != "total_this_process" and isinstance(v, int | float)}
+    if not stages:
+        return ""
+    top = sorted(stages.items(), key=lambda kv: -kv[1])[:4]
+    slow = ", ".join(f"{k} {v / 60:.1f}" for k, v in top)
+    return (f'<p class="wall-time">Wall time: {sum(stages.values()) / 60:.1f} min over '
+            f"{len(stages)} stages (slowest, min: {escape(slow)}).</p>")
+
+
 def _asset(name: str) -> str:
     return resources.files("refusalkit").joinpath("data", "report", name).read_text("utf-8")
 
@@ -345,9 +360,13 @@ def build_report(run_dir: str | Path | RunDir, title: str | None = None) -> Path
         seen.append(tab["section"])
 
     sections: list[tuple[str, str]] = []
-    summary = render_mapping(metrics) if metrics else "<p>No metrics recorded yet.</p>"
     summary_items = "".join(h for _, h in sorted(items.pop("Summary", []), key=lambda t: t[0]))
-    sections.append(("Summary", summary + summary_items + _run_details(manifest)))
+    raw = render_mapping(metrics) if metrics else "<p>No metrics recorded yet.</p>"
+    if summary_items and metrics:  # the pipeline wrote a summary: the raw dump goes below
+        raw = ('<details class="raw-metrics"><summary>All metrics (metrics.json)</summary>'
+               f"{raw}</details>")
+        summary_items = summary_items + _wall_time(root)
+    sections.append(("Summary", summary_items + raw + _run_details(manifest)))
     for name in _section_order([s for s in seen if s in items]):
         body = "".join(h for _, h in sorted(items[name], key=lambda t: t[0]))
         if name.lower() == "examples" and examples:

@@ -144,19 +144,7 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
                 f"'{lm.name}' refuses none of the {len(base)} dev harmful prompts "
                 f"({cfg.data.harmful_search}) by judge {cfg.judge.spec}; there is no refusal "
                 "to remove — check the model, the prompts or the judge")
-        search_base = last_logprobs(lm, splits.harmless_search, batch_size=cfg.batch_size)
-
-        def evaluate(kernel: Kernel) -> Any:
-            return score_kernel(lm, kernel, directions, harmful=splits.harmful_search,
-                                harmless=splits.harmless_search, harmless_base=search_base,
-                                judge=judge, cache=cache, max_new_tokens=cfg.judge.max_new_tokens,
-                                batch_size=cfg.batch_size, kl_prune=cfg.search.kl_prune)
-
-        seeds = seed_params(best_layers(fit["auc"].tolist(), cfg, lm.n_layers), cfg.search,
-                            lm.n_layers, components(lm)) if cfg.search.seeds else []
-        study = run_search(lm, directions, cfg.search, trials=cfg.search.trials,
-                           storage=run.file("study.sqlite"), seed=cfg.seed, seeds=seeds,
-                           evaluate=evaluate, on_trial=on_trial)
+        study = _search(run, lm, cfg, splits, fit, judge, cache, on_trial)
         records = run.stage("search", lambda: trial_records(study))
         front = pareto_front(records)
         if not front:
@@ -174,6 +162,27 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
             heldout[str(picked["number"])] = heldout_stage(run, measure, rec)
         return finish(run, lm, cfg, splits, fit, records, front, heldout, picked, base,
                       gguf=gguf)
+
+
+def _search(run: RunDir, lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,
+            fit: dict[str, torch.Tensor], judge: Any, cache: JudgementCache,
+            on_trial: Callable[..., None] | None) -> Any:
+    """The Optuna study (run or resumed): each trial's kernel scored by judged refusals on
+    the dev harmful prompts and KL on the dev harmless ones, seeded with informed points."""
+    directions = fit["directions"]
+    search_base = last_logprobs(lm, splits.harmless_search, batch_size=cfg.batch_size)
+
+    def evaluate(kernel: Kernel) -> Any:
+        return score_kernel(lm, kernel, directions, harmful=splits.harmful_search,
+                            harmless=splits.harmless_search, harmless_base=search_base,
+                            judge=judge, cache=cache, max_new_tokens=cfg.judge.max_new_tokens,
+                            batch_size=cfg.batch_size, kl_prune=cfg.search.kl_prune)
+
+    seeds = seed_params(best_layers(fit["auc"].tolist(), cfg, lm.n_layers), cfg.search,
+                        lm.n_layers, components(lm)) if cfg.search.seeds else []
+    return run_search(lm, directions, cfg.search, trials=cfg.search.trials,
+                      storage=run.file("study.sqlite"), seed=cfg.seed, seeds=seeds,
+                      evaluate=evaluate, on_trial=on_trial)
 
 
 def make_measure(lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,

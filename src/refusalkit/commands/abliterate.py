@@ -31,7 +31,7 @@ def _ask(front: list[dict[str, Any]], heldout: dict[str, Any]) -> int | None:
 
 
 def register(app: typer.Typer) -> None:
-    from refusalkit.cli import options
+    from refusalkit.commands.context import options
 
     @app.command("abliterate")
     def abliterate_cmd(

@@ -11,7 +11,7 @@ from refusalkit.errors import UserError
 
 
 def register(app: typer.Typer) -> None:
-    from refusalkit.cli import options
+    from refusalkit.commands.context import options
 
     @app.command("analyze")
     def analyze_cmd(

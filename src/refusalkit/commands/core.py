@@ -195,24 +195,33 @@ def run_extract(cfg: ExtractConfig, out: Path, *, run_dir: Path | None = None,
             "projections": class_projections(acts_p, acts_n, dirs)}
     save_directions(DirectionSet({"refusal": dirs}, layer_list, meta), out, lm)
     if run is not None:
-        from refusalkit.report import build_report
-
-        sep = _separation(acts_p, acts_n, dirs)
-        best = max(range(len(sep)), key=lambda i: sep[i]["d_prime"])
-        run.write_metrics({
-            "model": lm.name, "method": cfg.method, "position": pos_arg,
-            "prompts": {"positive": len(pos_set), "negative": len(neg_set)},
-            "best_layer": layer_list[best], "best_layer_separation": sep[best],
-            "layers": f"{layer_list[0]}–{layer_list[-1]} ({len(layer_list)})"})
-        _extract_report(run, layer_list, sep, dirs)
-        build_report(run, title=f"refusalkit extract — {lm.name}")
-        run.log.info("finished (artifact %s): ran %s, reused %s", out, run.ran, run.reused)
-        run.close()
+        _finish_extract(run, lm, cfg, pos_arg, (len(pos_set), len(neg_set)), layer_list,
+                        (acts_p, acts_n, dirs), out)
     return layer_list
 
 
+def _finish_extract(run: Any, lm: LoadedModel, cfg: ExtractConfig, pos_arg: Any,
+                    counts: tuple[int, int], layer_list: list[int],
+                    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: Path) -> None:
+    """An extract run folder's metrics and report, then close it."""
+    from refusalkit.report import build_report
+
+    acts_p, acts_n, dirs = tensors
+    sep = _separation(acts_p, acts_n, dirs)
+    best = max(range(len(sep)), key=lambda i: sep[i]["d_prime"])
+    run.write_metrics({
+        "model": lm.name, "method": cfg.method, "position": pos_arg,
+        "prompts": {"positive": counts[0], "negative": counts[1]},
+        "best_layer": layer_list[best], "best_layer_separation": sep[best],
+        "layers": f"{layer_list[0]}–{layer_list[-1]} ({len(layer_list)})"})
+    _extract_report(run, layer_list, sep, dirs)
+    build_report(run, title=f"refusalkit extract — {lm.name}")
+    run.log.info("finished (artifact %s): ran %s, reused %s", out, run.ran, run.reused)
+    run.close()
+
+
 def register(app: typer.Typer) -> None:
-    from refusalkit.cli import options
+    from refusalkit.commands.context import options
 
     @app.command("models")
     def models_cmd(ctx: typer.Context) -> None:

@@ -9,7 +9,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from refusalkit.cli import options
+    from refusalkit.commands.context import options
 
     export_app = typer.Typer(help="Export steering to formats other tools load.",
                              no_args_is_help=True, rich_markup_mode=None)

@@ -34,7 +34,7 @@ def _cache(path: Path | None, disabled: bool) -> JudgementCache | None:
 
 
 def register(app: typer.Typer) -> None:
-    from refusalkit.cli import options
+    from refusalkit.commands.context import options
 
     @app.command("judge")
     def judge_cmd(
@@ -141,8 +141,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Paper A's refusal confidence c(x) per prompt and the dataset summary
         (refusal / neutral / compliance %, style distribution)."""
+        from refusalkit.evaluate import score_prompts
         from refusalkit.interventions import load_profile
-        from refusalkit.judge.protocol import score_prompts, summarize
+        from refusalkit.judge.protocol import summarize
         from refusalkit.judge.spec import make_judge
         from refusalkit.models import load_model
         from refusalkit.prompts import load_prompts, write_jsonl

@@ -35,7 +35,7 @@ Example:
 
 
 def register(app: typer.Typer) -> None:
-    from refusalkit.cli import options
+    from refusalkit.commands.context import options
 
     @app.command("profile", help=PROFILE_HELP)
     def profile_cmd(

@@ -13,7 +13,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def register(app: typer.Typer) -> None:
-    from refusalkit.cli import options
+    from refusalkit.commands.context import options
 
     @app.command("serve")
     def serve_cmd(

@@ -9,10 +9,12 @@ official narrative?), style macro-F1, on-topic agreement, and breakdowns per sou
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from refusalkit.errors import UserError
@@ -95,7 +97,6 @@ def evaluate(judge: Judge, items: list[LabelledItem]) -> tuple[dict[str, Any], l
 
 def score_judgements(items: list[LabelledItem], out: list[Judgement]) -> dict[str, Any]:
     """Every agreement figure of judgements `out` against the items' human labels."""
-    from refusalkit.judge.recipe import ece, reliability
 
     gold = [i.refusal for i in items]
     metrics = binary_metrics(gold, [j.is_refusal for j in out])
@@ -142,3 +143,29 @@ def style_metrics(items: list[LabelledItem], out: list[Judgement]) -> dict[str, 
             "on_topic_accuracy": sum(g == (p > 0.5) for g, p in topic) / len(topic)
             if topic else None,
             "on_topic_auc": auc([g for g, _ in topic], [p for _, p in topic]) if topic else None}
+
+
+# ---------------------------------------------------------------- calibration
+
+BINS = 10
+
+
+def ece(p: Sequence[float], y: Sequence[bool], bins: int = BINS) -> float:
+    """Expected calibration error: |mean p − refusal rate| per equal-width bin, weighted."""
+    p_arr, y_arr = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
+    idx = np.minimum((p_arr * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            total += m.sum() * abs(p_arr[m].mean() - y_arr[m].mean())
+    return float(total / max(1, len(p_arr)))
+
+
+def reliability(p: Sequence[float], y: Sequence[bool], bins: int = BINS) -> list[dict]:
+    """Per-bin mean predicted probability, observed refusal rate and count (the curve)."""
+    p_arr, y_arr = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
+    idx = np.minimum((p_arr * bins).astype(int), bins - 1)
+    return [{"bin": b / bins, "n": int((idx == b).sum()),
+             "mean_p": float(p_arr[idx == b].mean()), "rate": float(y_arr[idx == b].mean())}
+            for b in range(bins) if (idx == b).any()]

@@ -21,33 +21,10 @@ import torch
 
 from refusalkit.judge.base import ANSWER_STYLES
 from refusalkit.judge.calibrated import FORMAT
-from refusalkit.judge.train import fit_logistic, folds
+from refusalkit.judge.evaluate import ece
+from refusalkit.judge.trained import fit_logistic, folds
 
 L2_GRID = (1.0, 10.0, 100.0, 1000.0)
-BINS = 10
-
-
-def ece(p: Sequence[float], y: Sequence[bool], bins: int = BINS) -> float:
-    """Expected calibration error: |mean p − refusal rate| per equal-width bin, weighted."""
-    p_arr, y_arr = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
-    idx = np.minimum((p_arr * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            total += m.sum() * abs(p_arr[m].mean() - y_arr[m].mean())
-    return float(total / max(1, len(p_arr)))
-
-
-def reliability(p: Sequence[float], y: Sequence[bool], bins: int = BINS) -> list[dict]:
-    """Per-bin mean predicted probability, observed refusal rate and count (the curve)."""
-    p_arr, y_arr = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
-    idx = np.minimum((p_arr * bins).astype(int), bins - 1)
-    return [{"bin": b / bins, "n": int((idx == b).sum()),
-             "mean_p": float(p_arr[idx == b].mean()), "rate": float(y_arr[idx == b].mean())}
-            for b in range(bins) if (idx == b).any()]
-
-
 def fit_softmax(z: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float,
                 steps: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on standardised features (LBFGS, float64)."""

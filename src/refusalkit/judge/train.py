@@ -27,20 +27,9 @@ from pathlib import Path
 import torch
 
 from refusalkit.judge.evaluate import LabelledItem, read_labels
-from refusalkit.judge.trained import featurize, fit_logistic, needs_llm, weights_record
+from refusalkit.judge.trained import featurize, fit_logistic, folds, needs_llm, weights_record
 
 L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0, 3000.0)
-
-
-def folds(y: torch.Tensor, k: int, seed: int = 0) -> list[torch.Tensor]:
-    """Stratified fold ids: each fold gets its share of refusals and compliances."""
-    g = torch.Generator().manual_seed(seed)
-    fold = torch.empty(len(y), dtype=torch.long)
-    for cls in (0, 1):
-        idx = torch.nonzero(y == cls).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        fold[idx] = torch.arange(len(idx)) % k
-    return [torch.nonzero(fold == f).flatten() for f in range(k)]
 
 
 def cv_accuracy(x: torch.Tensor, y: torch.Tensor, l2: float, k: int = 5) -> float:

@@ -106,6 +106,17 @@ def featurize(
     return torch.cat(blocks, dim=1)
 
 
+def folds(y: torch.Tensor, k: int, seed: int = 0) -> list[torch.Tensor]:
+    """Stratified fold ids: each fold gets its share of refusals and compliances."""
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(y), dtype=torch.long)
+    for cls in (0, 1):
+        idx = torch.nonzero(y == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        fold[idx] = torch.arange(len(idx)) % k
+    return [torch.nonzero(fold == f).flatten() for f in range(k)]
+
+
 def fit_logistic(
     x: torch.Tensor, y: torch.Tensor, l2: float = 1.0, steps: int = 200
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:

@@ -21,6 +21,7 @@ from refusalkit.interventions import Profile, ablation, addition
 from refusalkit.judge.protocol import THRESHOLD
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import kl_divergence, last_logprobs, refusal_log_odds, refusal_token_ids
+from refusalkit.steer.data import Splits
 
 
 def select_by_auc(aucs: Sequence[float], layers: Sequence[int],
@@ -78,8 +79,8 @@ def arditi_select(
 
 # ---------------------------------------------------------------- the Arditi baseline
 
-def arditi_baseline(lm: LoadedModel, acts: dict[str, Any], data: dict[str, list[str]],
-                    base: dict[str, Any], cfg: Any) -> dict[str, Any]:
+def arditi_baseline(lm: LoadedModel, acts: dict[str, Any], splits: Splits,
+                    base: dict[str, Any], seed: int) -> dict[str, Any]:
     """Arditi et al.: harmful-vs-harmless MD per layer, picked by bypass/induce/KL."""
     refused = torch.tensor([r["confidence"] > THRESHOLD for r in base["safety_fit"]])
     answered = torch.tensor([r["confidence"] < -THRESHOLD for r in base["neutral"]])
@@ -90,9 +91,9 @@ def arditi_baseline(lm: LoadedModel, acts: dict[str, Any], data: dict[str, list[
     cands = depth_window(lm.n_layers, 0.3, 0.8)[::2]
     dirs = {i: md[i] / md[i].norm() for i in cands}
     norms = {i: float(md[i].norm()) for i in cands}
-    rng = random.Random(cfg.seed)
-    h_val = rng.sample(list(data["safety_fit"]), min(12, len(data["safety_fit"])))
-    best, table = arditi_select(lm, dirs, h_val, data["neutral_proxy"][:12], raw_norms=norms)
+    rng = random.Random(seed)
+    h_val = rng.sample(list(splits.safety_fit), min(12, len(splits.safety_fit)))
+    best, table = arditi_select(lm, dirs, h_val, splits.neutral_proxy[:12], raw_norms=norms)
     if best is None:
         best = min(table, key=lambda c: c.bypass).layer
     return {"layer": best, "direction": dirs[best].tolist(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from refusalkit.judge.protocol import THRESHOLD
+from refusalkit.steer.search import TrialParams
 
 TIE = 0.05  # judged rates this close count as a tie (one or two prompts of a verify set)
 
@@ -27,31 +28,35 @@ def proxy_agreement(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     return {"refusal": rho("target_refusal"), "useful": rho("target_useful")}
 
 
-def choose(rows: list[dict[str, Any]], base: dict[str, Any], remove: bool, keep: float,
-            keep_prompts: list[str]) -> dict[str, Any]:
-    """Remove: the highest useful-answer rate on the target (lowest judged refusal when the
-    judge cannot tell on-topic answers) among candidates that keep the safety refusals;
-    induce: the highest judged target refusal that keeps ordinary prompts answered. Among
-    candidates within TIE of the best, the one that steers least (coherence, KL)."""
-    base_keep = {r["prompt"]: r["confidence"] > THRESHOLD for r in
-                 base["safety_fit" if remove else "neutral"]}
-    base_rate = sum(base_keep.get(p, False) for p in keep_prompts) / max(1, len(keep_prompts))
-    if remove:
-        ok = [r for r in rows if r["keep_refusal"] >= keep * base_rate] or rows
-        if all(r.get("target_useful") is not None for r in ok):
-            top = max(r["target_useful"] for r in ok)
-            near = [r for r in ok if r["target_useful"] >= top - TIE]
-            return min(near, key=lambda r: (_size(r), -r["target_useful"],
-                                            r["target_refusal"]))
-        best = min(r["target_refusal"] for r in ok)
-        near = [r for r in ok if r["target_refusal"] <= best + TIE]
-        return min(near, key=lambda r: (_size(r), r["target_refusal"], -r["keep_refusal"]))
+def keep_rate(base_rows: list[dict[str, Any]], keep_prompts: list[str]) -> float:
+    """The unsteered refusal rate on the prompts whose behaviour must be kept."""
+    refused = {r["prompt"]: r["confidence"] > THRESHOLD for r in base_rows}
+    return sum(refused.get(p, False) for p in keep_prompts) / max(1, len(keep_prompts))
+
+
+def choose_remove(rows: list[dict[str, Any]], keep_min: float) -> dict[str, Any]:
+    """The highest useful-answer rate on the target (lowest judged refusal when the judge
+    cannot tell on-topic answers) among candidates that keep at least `keep_min` of the
+    safety refusals; among those within TIE of the best, the one that steers least."""
+    ok = [r for r in rows if r["keep_refusal"] >= keep_min] or rows
+    if all(r.get("target_useful") is not None for r in ok):
+        top = max(r["target_useful"] for r in ok)
+        near = [r for r in ok if r["target_useful"] >= top - TIE]
+        return min(near, key=lambda r: (size(r), -r["target_useful"], r["target_refusal"]))
+    best = min(r["target_refusal"] for r in ok)
+    near = [r for r in ok if r["target_refusal"] <= best + TIE]
+    return min(near, key=lambda r: (size(r), r["target_refusal"], -r["keep_refusal"]))
+
+
+def choose_induce(rows: list[dict[str, Any]], base_rate: float) -> dict[str, Any]:
+    """The highest judged target refusal that keeps ordinary prompts answered (at most 0.1
+    above their unsteered refusal); among those within TIE of the best, the gentlest."""
     ok = [r for r in rows if r["keep_refusal"] <= base_rate + 0.1] or rows
     best = max(r["target_refusal"] for r in ok)
     near = [r for r in ok if r["target_refusal"] >= best - TIE]
-    return min(near, key=lambda r: (_size(r), -r["target_refusal"], r["keep_refusal"]))
+    return min(near, key=lambda r: (size(r), -r["target_refusal"], r["keep_refusal"]))
 
 
-def _size(row: dict[str, Any]) -> float:
+def size(row: dict[str, Any]) -> float:
     """How much a candidate steers (α × layers): the tie-break toward the gentler one."""
-    return float(row["params"]["alpha"]) * int(row["params"]["width"])
+    return TrialParams.of(row["params"]).size

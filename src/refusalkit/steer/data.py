@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from refusalkit.prompts import load_prompts
 from refusalkit.steer.config import SteerConfig
 
+FITTING = ("target_fit", "safety_fit", "neutral")  # the sets the baseline and directions read
 
-def split_data(cfg: SteerConfig) -> dict[str, list[str]]:
+
+@dataclass(frozen=True)
+class Splits:
+    """Every role's prompts. Fitting: target_fit (the topic), safety_fit (harmful requests),
+    neutral (ordinary prompts) and neutral_proxy (the search's KL reference). Held out:
+    target_eval, safety_eval, each over-refusal set, harmless_eval and kl_eval (more ordinary
+    prompts for KL). gate_negatives: other prompts the topic gate is fitted against."""
+
+    target_fit: list[str]
+    target_eval: list[str]
+    safety_fit: list[str]
+    neutral: list[str]
+    neutral_proxy: list[str]
+    safety_eval: list[str]
+    harmless_eval: list[str]
+    kl_eval: list[str]
+    overrefusal: dict[str, list[str]] = field(default_factory=dict)  # spec -> prompts
+    gate_negatives: list[str] = field(default_factory=list)
+
+    def named(self) -> dict[str, list[str]]:
+        """Every set by its name (over-refusal sets as overrefusal:SPEC), as run records
+        and the gate fit name them."""
+        out = {name: getattr(self, name) for name in (
+            "target_fit", "target_eval", "safety_fit", "neutral", "neutral_proxy",
+            "safety_eval", "harmless_eval", "kl_eval")}
+        out.update({f"overrefusal:{spec}": ps for spec, ps in self.overrefusal.items()})
+        out["gate_negatives"] = self.gate_negatives
+        return out
+
+    def held_out(self) -> dict[str, list[str]]:
+        """The held-out sets whose refusal is reported before and after."""
+        return {"target_eval": self.target_eval, "safety_eval": self.safety_eval,
+                **{f"overrefusal:{spec}": ps for spec, ps in self.overrefusal.items()}}
+
+
+def split_data(cfg: SteerConfig) -> Splits:
     """Seeded, disjoint prompt lists for every role in the pipeline."""
     d, seed = cfg.data, cfg.seed
     fit, held = [], []
@@ -25,17 +63,16 @@ def split_data(cfg: SteerConfig) -> dict[str, list[str]]:
         "kl_eval": load_prompts(d.harmless_eval).take(d.n_kl, seed=seed,
                                                       offset=d.n_eval).prompts,
     }
-    for spec in d.overrefusal:
-        out[f"overrefusal:{spec}"] = load_prompts(spec).take(d.n_eval, seed=seed).prompts
+    over = {spec: load_prompts(spec).take(d.n_eval, seed=seed).prompts for spec in d.overrefusal}
     # The topic gate's negatives: more and more varied "other" prompts than the fitting sets,
     # each source read past the rows every other role took (so they never overlap).
     roles = {"neutral": [(d.neutral, d.n_fit + d.n_proxy)],
              "safety_fit": [(d.safety_fit, d.n_fit)],
              "overrefusal": [(spec, d.n_eval) for spec in d.overrefusal]}
     sources = [src for name in d.gate_sources for src in roles.get(name, [(name, 0)])]
-    taken = {p for ps in out.values() for p in ps}
-    out["gate_negatives"] = list(dict.fromkeys(
+    taken = {p for ps in [*out.values(), *over.values()] for p in ps}
+    negatives = list(dict.fromkeys(
         p for spec, offset in sources
         for p in load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
         if p not in taken))
-    return out
+    return Splits(**out, overrefusal=over, gate_negatives=negatives)

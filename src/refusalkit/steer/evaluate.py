@@ -1,4 +1,4 @@
-"""Held-out evaluation, the Arditi baseline and the report for the steering pipeline.
+"""Held-out evaluation of the steering pipeline: the chosen profile and its baselines.
 
 Each held-out set is answered once unsteered and once per profile (the chosen one and each
 baseline); the configured judge and the keyword judge read the same answers, so their
@@ -15,18 +15,17 @@ import torch
 from refusalkit.evaluate import (
     Judged,
     assess_answers,
-    judge_gated,
-    judge_prompts,
     perplexity_ratio,
     refusal_rate,
 )
-from refusalkit.gates import gate_of, gate_open
+from refusalkit.examiner import Examiner
+from refusalkit.gates import gate_of
 from refusalkit.interventions import Profile
-from refusalkit.judge import Judge, KeywordJudge
-from refusalkit.models import LoadedModel
+from refusalkit.judge import KeywordJudge
 from refusalkit.quality import AnswerQuality
 from refusalkit.quality import rates as quality_rates
-from refusalkit.scoring import kl_divergence, last_logprobs
+from refusalkit.scoring import kl_divergence
+from refusalkit.steer.data import Splits
 from refusalkit.steer.search import steered_logprobs
 
 
@@ -41,70 +40,37 @@ def _summary(rates: dict[str, float], overrefusal_sets: list[str]) -> dict[str, 
             "overrefusal": sum(over) / max(1, len(over))}
 
 
-def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, profile: Profile,
-                 baselines: dict[str, Profile], jk: dict[str, Any], cfg: Any) -> dict[str, Any]:
+def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
+                 baselines: dict[str, Profile], n_examples: int) -> dict[str, Any]:
     """Before/after refusal on every held-out set, KL and perplexity on harmless prompts."""
-    sets = ["target_eval", "safety_eval"] + [k for k in data if k.startswith("overrefusal:")]
+    data = splits.held_out()
+    sets = list(data)
     over = [k for k in sets if k.startswith("overrefusal:")]
-    # Unsteered answers first: a gated profile reuses them wherever its gate stays shut.
-    judged = {"before": {s: judge_prompts(lm, data[s], judge, **jk) for s in sets}}
-    open_share: dict[str, dict[str, float]] = {}
-    decided: dict[tuple[int, str], torch.Tensor] = {}  # (id of gate, set): its decisions
-
-    def decisions(g: Any, s: str) -> torch.Tensor:
-        if (id(g), s) not in decided:  # the chosen profile and its baselines share a gate
-            decided[id(g), s] = gate_open(lm, g, data[s])
-        return decided[id(g), s]
-
-    for name, p in {"after": profile, **baselines}.items():
-        judged[name] = {}
-        g = gate_of(p)
-        for s in sets:
-            judged[name][s], opened = judge_gated(
-                lm, data[s], judge, p, judged["before"][s],
-                decisions(g, s) if g is not None else None, **jk)
-            if g is not None:
-                open_share.setdefault(name, {})[s] = float(opened.double().mean())
+    judged, open_share = _judge_all(ex, data, {"after": profile, **baselines})
     rates = {name: {s: refusal_rate(js) for s, js in by_set.items()}
              for name, by_set in judged.items()}
     kw = {name: {s: _keyword_rate(js) for s, js in by_set.items()}
           for name, by_set in judged.items()}
     ppl_cache: dict[tuple[str, str], float | None] = {}  # unsteered model, shared by profiles
-    quality = {name: {s: assess_answers(lm, js, batch_size=cfg.batch_size, cache=ppl_cache)
+    quality = {name: {s: assess_answers(ex.lm, js, batch_size=ex.batch_size, cache=ppl_cache)
                       for s, js in by_set.items()} for name, by_set in judged.items()}
     qrates = {name: {s: quality_rates(qs) for s, qs in by_set.items()}
               for name, by_set in quality.items()}
-
-    harmless = data["harmless_eval"]
-    kl_prompts = harmless + data["kl_eval"]  # KL is cheap: measured on more prompts
-    base_logp = last_logprobs(lm, kl_prompts, batch_size=cfg.batch_size)
-    base_answers = [j.response for j in judge_prompts(lm, harmless, judge, **{**jk,
-                                                                              "mode": "greedy"})]
-
+    costs = {name: _cost(ex, splits, p) for name, p in {"after": profile, **baselines}.items()}
     for name, p in {"after": profile, **baselines}.items():
         g = gate_of(p)
         if g is not None:
-            open_share[name]["harmless_eval"] = float(decisions(g, "harmless_eval").double()
-                                                      .mean())
-            if data["kl_eval"]:
-                open_share[name]["kl_eval"] = float(decisions(g, "kl_eval").double().mean())
-
-    def cost(p: Profile) -> dict[str, float]:
-        g = gate_of(p)  # a shut gate changes nothing: only the rows it opens for are run
-        opened = (torch.cat([decisions(g, "harmless_eval"), decisions(g, "kl_eval")])
-                  if g is not None else None)
-        kl = kl_divergence(base_logp, steered_logprobs(lm, kl_prompts, p, base_logp, opened, g,
-                                                       cfg.batch_size))
-        return {"kl_harmless": float(kl.mean()),
-                "kl_harmless_first_n_eval": float(kl[: len(harmless)].mean()),
-                "perplexity_ratio": perplexity_ratio(lm, harmless, base_answers, p)}
+            open_share[name]["harmless_eval"] = float(ex.opened(g, splits.harmless_eval)
+                                                      .double().mean())
+            if splits.kl_eval:
+                open_share[name]["kl_eval"] = float(ex.opened(g, splits.kl_eval).double().mean())
 
     before, after = _summary(rates["before"], over), _summary(rates["after"], over)
     metrics: dict[str, Any] = {
         "target_refusal_before": before["target"], "target_refusal_after": after["target"],
         "safety_refusal_before": before["safety"], "safety_refusal_after": after["safety"],
         "overrefusal_before": before["overrefusal"], "overrefusal_after": after["overrefusal"],
-        **cost(profile),
+        **costs["after"],
         "keyword": {"target_refusal_before": kw["before"]["target_eval"],
                     "target_refusal_after": kw["after"]["target_eval"],
                     "safety_refusal_before": kw["before"]["safety_eval"],
@@ -115,7 +81,8 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
                                "quality": qrates[name]} for name in rates},
         "baselines": {},
         "gate_open": open_share,
-        "kl_harmless_prompts": len(kl_prompts), "kl_first_n": len(harmless),
+        "kl_harmless_prompts": len(splits.harmless_eval) + len(splits.kl_eval),
+        "kl_first_n": len(splits.harmless_eval),
     }
     for name in baselines:
         s = _summary(rates[name], over)
@@ -124,9 +91,42 @@ def evaluate_all(lm: LoadedModel, data: dict[str, list[str]], judge: Judge, prof
                                       "overrefusal_after": s["overrefusal"],
                                       "target_useful_after":
                                           qrates[name]["target_eval"]["useful"],
-                                      **cost(baselines[name])}
-    metrics["_examples"] = examples_of(judged, quality, sets, cfg.eval.examples)
+                                      **costs[name]}
+    metrics["_examples"] = examples_of(judged, quality, sets, n_examples)
     return metrics
+
+
+def _judge_all(ex: Examiner, data: dict[str, list[str]], profiles: dict[str, Profile]
+               ) -> tuple[dict[str, dict[str, list[Judged]]], dict[str, dict[str, float]]]:
+    """Every set answered unsteered ("before") and under each profile, and the share of each
+    set a gated profile's gate opened for. Unsteered answers come first: a gated profile
+    reuses them wherever its gate stays shut."""
+    judged = {"before": {s: ex.answers(ps) for s, ps in data.items()}}
+    open_share: dict[str, dict[str, float]] = {}
+    for name, p in profiles.items():
+        judged[name] = {}
+        for s, ps in data.items():
+            judged[name][s], opened = ex.gated_answers(ps, p)
+            if gate_of(p) is not None:
+                open_share.setdefault(name, {})[s] = float(opened.double().mean())
+    return judged, open_share
+
+
+def _cost(ex: Examiner, splits: Splits, p: Profile) -> dict[str, float]:
+    """KL on harmless_eval plus the n_kl more held-out ordinary prompts (KL is cheap), and the
+    perplexity ratio of the unsteered greedy answers to harmless_eval. A shut gate changes
+    nothing: only the rows it opens for are run."""
+    harmless, kl_prompts = splits.harmless_eval, splits.harmless_eval + splits.kl_eval
+    base_logp = ex.logprobs(kl_prompts)
+    base_answers = [j.response for j in ex.answers(harmless, mode="greedy")]
+    g = gate_of(p)
+    opened = (torch.cat([ex.opened(g, harmless), ex.opened(g, splits.kl_eval)])
+              if g is not None else None)
+    kl = kl_divergence(base_logp, steered_logprobs(ex.lm, kl_prompts, p, base_logp, opened, g,
+                                                   ex.batch_size))
+    return {"kl_harmless": float(kl.mean()),
+            "kl_harmless_first_n_eval": float(kl[: len(harmless)].mean()),
+            "perplexity_ratio": perplexity_ratio(ex.lm, harmless, base_answers, p)}
 
 
 def examples_of(judged: dict[str, dict[str, list[Judged]]],

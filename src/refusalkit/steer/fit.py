@@ -1,86 +1,136 @@
-"""What the steer run fits from the baseline: the classes that define the target direction,
-per-layer gaps and levels, the search space and the topic gate."""
+"""What the steer run fits from its baseline, computed once: the direction per layer (and the
+baseline estimator's), each layer's refuse-vs-answer gap and the moved class's level, the layer
+table, the search space and the topic gate."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from refusalkit.activations import capture
-from refusalkit.errors import UserError
+from refusalkit.directions import get_method, per_layer
 from refusalkit.gates import fit_gate, pool_position
-from refusalkit.judge.protocol import THRESHOLD
+from refusalkit.geometry import auc
+from refusalkit.interventions import Gate
 from refusalkit.models import LoadedModel
 from refusalkit.steer.config import SteerConfig
-from refusalkit.steer.search import (
-    SearchSpace,
-)
+from refusalkit.steer.data import FITTING, Splits
+from refusalkit.steer.mode import Classes, Mode
+from refusalkit.steer.search import SearchSpace
 
 # Plain mean difference and paper A's WRMD: whichever the run does not steer with is steered
 # with the same layers, strengths and gate, so the value of the estimator is measured.
 BASELINE_METHODS = ("md", "wrmd")
 
 
-def classes(acts: dict[str, torch.Tensor], c: torch.Tensor, remove: bool,
-             c_safety: torch.Tensor):
-    """(refusing, complying, weights…) activations that define the target direction."""
-    if not remove:
-        # induce: the model's own refusals (safety prompts it refused) vs its answers (topic
-        # prompts it answered, and neutral ones) — the refuse-vs-answer direction, added on
-        # the topic. (A "refuse everything" system prompt was tried instead: its direction
-        # encodes the system-prompt change and lowered refusal when added, measured on qwen.)
-        r_mask, a_mask = c_safety > THRESHOLD, c < -THRESHOLD
-        if int(r_mask.sum()) < 2:
-            raise UserError("the model refused fewer than 2 safety_fit prompts at baseline; "
-                            "inducing refusal needs examples of its own refusals (check the "
-                            "judge, or use a model that refuses harmful requests)")
-        complied = torch.cat([acts["target_fit"][a_mask], acts["neutral"]])
-        w_c = torch.cat([c[a_mask].abs(), torch.ones(len(acts["neutral"]))])
-        return acts["safety_fit"][r_mask], complied, c_safety[r_mask].abs(), w_c
-    r_mask, c_mask = c > THRESHOLD, c < -THRESHOLD
-    refused, complied = acts["target_fit"][r_mask], acts["target_fit"][c_mask]
-    w_r, w_c = c[r_mask].abs(), c[c_mask].abs()
-    if len(complied) < 4:  # too few answered topic prompts: answered neutral prompts stand in
-        complied = torch.cat([complied, acts["neutral"]])
-        w_c = torch.cat([w_c, torch.ones(len(acts["neutral"]))])
-    if len(refused) < 2:
-        raise UserError("fewer than 2 target prompts were refused at baseline; add target "
-                        "prompts or check the judge")
-    return refused, complied, w_r, w_c
+@dataclass(frozen=True)
+class Fit:
+    acts: dict[str, torch.Tensor]  # FITTING set -> [n, L, d] at the configured position
+    c_target: torch.Tensor  # baseline c(x) of target_fit
+    classes: Classes
+    directions: torch.Tensor  # [L, d], the configured estimator
+    gaps: list[float]  # per layer (as stored with the directions)
+    levels: list[float]  # per layer: the moved class's projection (a clamp's start)
+    others: dict[str, torch.Tensor]  # the baseline estimator's directions [L, d]
 
 
-def gaps_levels(acts, dirs: torch.Tensor, c: torch.Tensor, remove: bool,
-                 c_safety: torch.Tensor) -> tuple[list[float], list[float]]:
+def confidences(base: dict[str, Any], name: str) -> torch.Tensor:
+    return torch.tensor([r["confidence"] for r in base[name]])
+
+
+def activations(lm: LoadedModel, splits: Splits, cfg: SteerConfig,
+                show_progress: bool) -> dict[str, torch.Tensor]:
+    """Every layer's residual stream at the configured prompt position, per fitting set."""
+    sets = splits.named()
+    return {name: capture(lm, sets[name], list(range(lm.n_layers)), [cfg.directions.position],
+                          batch_size=cfg.batch_size, show_progress=show_progress)[:, :, 0]
+            for name in FITTING}
+
+
+def directions(acts: dict[str, torch.Tensor], cl: Classes, mode: Mode,
+               cfg: SteerConfig) -> dict[str, torch.Tensor]:
+    """The directions stage: the configured estimator per layer, its gaps, and the other
+    estimator of the md / wrmd pair (steered the same way, as a baseline)."""
+    def estimate(method: str) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if method in ("rmd", "wrmd"):
+            kwargs["lam"] = cfg.directions.lam
+        if method == "wrmd":
+            kwargs.update(w_refused=cl.w_refused, w_complied=cl.w_complied,
+                          neutral=acts["neutral"])
+        return per_layer(get_method(method), cl.refused, cl.complied, **kwargs)
+
+    dirs = estimate(cfg.directions.method)
+    return {"directions": dirs, "gaps": torch.tensor(gaps_levels(cl, mode, dirs)[0]),
+            **{m: estimate(m) for m in BASELINE_METHODS if m != cfg.directions.method}}
+
+
+def fit_of(acts: dict[str, torch.Tensor], c_target: torch.Tensor, cl: Classes,
+           stage: dict[str, torch.Tensor], mode: Mode) -> Fit:
+    """The Fit from the directions stage (fresh or resumed)."""
+    return Fit(acts, c_target, cl, stage["directions"], stage["gaps"].tolist(),
+               gaps_levels(cl, mode, stage["directions"])[1],
+               {m: stage[m] for m in BASELINE_METHODS if m in stage})
+
+
+def gaps_levels(cl: Classes, mode: Mode, dirs: torch.Tensor
+                ) -> tuple[list[float], list[float]]:
     """Per layer: the refuse-vs-answer projection gap, and the projection of the class the
     steering moves (refusing prompts when removing, answering ones when inducing), which a
     clamp starts from."""
-    refused, complied, _, _ = classes(acts, c, remove, c_safety)
-    moved = refused if remove else complied
+    moved = mode.moved(cl)
     gaps, levels = [], []
     for i in range(dirs.shape[0]):
         u = dirs[i] / dirs[i].norm().clamp_min(1e-12)
-        gaps.append(float((refused[:, i] @ dirs[i]).mean() - (complied[:, i] @ dirs[i]).mean()))
+        gaps.append(float((cl.refused[:, i] @ dirs[i]).mean()
+                          - (cl.complied[:, i] @ dirs[i]).mean()))
         levels.append(float((moved[:, i] @ u).mean()))
     return gaps, levels
 
 
-def search_space(lm: LoadedModel, cfg: SteerConfig) -> SearchSpace:
+def layer_table(fit: Fit, mode: Mode) -> list[dict[str, Any]]:
+    """Per layer: separability of the classes, correlation of the target projection with
+    c(x) (removal: the target holds both classes), gap and participation ratio."""
+    rows = []
+    for i in range(fit.directions.shape[0]):
+        v = fit.directions[i]
+        proj = fit.acts["target_fit"][:, i] @ v
+        corr = (torch.corrcoef(torch.stack([proj, fit.c_target]))[0, 1]
+                if mode.correlates and fit.c_target.std() > 0 else torch.tensor(float("nan")))
+        energy = v.double() ** 2
+        rows.append({"layer": i, "auc": auc(fit.classes.refused[:, i] @ v,
+                                            fit.classes.complied[:, i] @ v),
+                     "corr_c": float(corr), "gap": float(fit.gaps[i]),
+                     "participation_ratio": float(1.0 / (energy ** 2).sum())})
+    return rows
+
+
+def search_space(lm: LoadedModel, cfg: SteerConfig, mode: Mode) -> SearchSpace:
     lo, hi = (round(f * lm.n_layers) for f in cfg.search.window)
     lo, hi = max(1, min(lo, lm.n_layers - 1)), max(lo + 1, min(hi, lm.n_layers))
     gate = {"off": (False,), "on": (True,), "search": (False, True)}[cfg.search.gate]
-    return SearchSpace((lo, hi), cfg.search.max_layers, cfg.search.alpha_max,
-                       -1.0 if cfg.mode == "remove" else 1.0, gate, cfg.search.operator)
+    return SearchSpace((lo, hi), cfg.search.max_layers, cfg.search.alpha_max, mode.sign, gate,
+                       cfg.search.operator)
+
+
+def gate_of_record(rec: dict[str, Any] | None) -> Gate | None:
+    if rec is None:
+        return None
+    return Gate(rec["layer"], torch.tensor(rec["vector"]), rec["threshold"], rec["pool"])
 
 
 def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
-                    data: dict[str, list[str]], cfg: SteerConfig,
+                    splits: Splits, cfg: SteerConfig,
                     show_progress: bool) -> dict[str, Any]:
     """A topic detector no deeper than `gate_max_layer`, fitted on the topic's fitting prompts
     against every other prompt the run fits on plus the gate negatives (see gates.py)."""
     hi = max(1, min(lm.n_layers - 1, round(cfg.search.gate_max_layer * lm.n_layers)))
     layers = list(range(1, hi + 1))
     pool = cfg.search.gate_pool
+
+    data = splits.named()
 
     def read(name: str) -> torch.Tensor:
         if pool == "last" and name in acts:  # the activations stage read exactly this

@@ -9,12 +9,19 @@ from refusalkit.runs import RunDir
 
 
 def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[str, Any],
-                 verified: dict[str, Any], metrics: dict[str, Any]) -> None:
+                 verified: dict[str, Any], metrics: dict[str, Any],
+                 examples: list[dict[str, Any]]) -> None:
     """Figures, tables and examples for report.html, then the report itself."""
-    examples = metrics.pop("_examples", [])
-    run.write_json("metrics.json", metrics)
     save_examples(run, examples)
+    _summary(run, metrics)
+    _layers(run, layer_rows, metrics.get("chosen_layers", []))
+    _evaluation(run, metrics["per_dataset"])
+    _search(run, searched["trials"], verified)
+    _gate(run, metrics.get("gate"), metrics.get("gate_open") or {})
+    build_report(run, title=f"Refusal steering — {metrics.get('mode', '')}")
 
+
+def _layers(run: RunDir, layer_rows: list[dict[str, Any]], chosen: list[int]) -> None:
     fig = figure()
     ax = fig.add_subplot()
     layers = [r["layer"] for r in layer_rows]
@@ -22,7 +29,6 @@ def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[s
     if any(r["corr_c"] == r["corr_c"] for r in layer_rows):  # not all NaN
         ax.plot(layers, [abs(r["corr_c"]) for r in layer_rows], marker="s",
                 label="|corr(projection, c)|")
-    chosen = metrics.get("chosen_layers", [])
     for layer in chosen:
         ax.axvspan(layer - 0.5, layer + 0.5, color="orange", alpha=0.15)
     ax.set_xlabel("layer")
@@ -32,13 +38,62 @@ def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[s
                 caption="Per-layer separability of the target direction (steered layers shaded)")
     save_table(run, "layers", layer_rows, section="Layers", caption="Layer ranking", order=2)
 
-    per = metrics["per_dataset"]
+
+def profile_order(per: dict[str, Any]) -> list[str]:
+    """before → after → baselines (metrics read back from JSON come with sorted keys)."""
+    return ["before", "after", *(k for k in per if k not in ("before", "after"))]
+
+
+def set_order(per: dict[str, Any]) -> list[str]:
+    """The topic first, then safety, then the over-refusal sets."""
     sets = list(per["before"]["judge"])
+    first = [s for s in ("target_eval", "safety_eval") if s in sets]
+    return first + [s for s in sets if s not in first]
+
+
+def _summary(run: RunDir, metrics: dict[str, Any]) -> None:
+    """What a reader takes in first: per held-out set, refusal and useful-answer rate before,
+    after and under each baseline; then KL, the gate's recall and leaks. (report.html adds
+    the wall time from timings.json and keeps the raw metrics in a collapsed section.)"""
+    per = metrics["per_dataset"]
+    names = profile_order(per)
+    rows = []
+    for s in set_order(per):
+        row: dict[str, Any] = {"held-out set": s}
+        row.update({f"refusal {n}": per[n]["judge"][s] for n in names})
+        row.update({f"useful {n}": per[n].get("quality", {}).get(s, {}).get("useful")
+                    for n in names})
+        rows.append(row)
+    save_table(run, "summary", rows, section="Summary", order=1,
+               caption="Held-out refusal rate (judged) and useful-answer rate (compliance, on "
+               "topic, not looping) per set: unsteered (before), the chosen profile (after) "
+               "and each baseline steered the same way")
+    base = metrics.get("baselines", {})
+    costs = [{"profile": "after", "kl_harmless": metrics.get("kl_harmless"),
+              "perplexity_ratio": metrics.get("perplexity_ratio")}]
+    costs += [{"profile": n, "kl_harmless": b.get("kl_harmless"),
+               "perplexity_ratio": b.get("perplexity_ratio")} for n, b in sorted(base.items())]
+    g, opened = metrics.get("gate"), metrics.get("gate_open", {}).get("after", {})
+    for row in costs:
+        row["gate_recall_oof"] = g["recall_oof"] if g and row["profile"] == "after" else None
+        row["gate_open_safety"] = opened.get("safety_eval") if row["profile"] == "after" else None
+        row["gate_open_harmless"] = (opened.get("harmless_eval") if row["profile"] == "after"
+                                     else None)
+    save_table(run, "costs", costs, section="Summary", order=2,
+               caption="Cost on ordinary prompts: next-token KL on "
+               f"{metrics.get('kl_harmless_prompts')} held-out harmless prompts and the "
+               "perplexity ratio of unsteered answers; the "
+               "topic gate's out-of-fold recall on the topic and how often it opened on "
+               "held-out harmful (safety) and harmless prompts (leaks)")
+
+
+def _evaluation(run: RunDir, per: dict[str, Any]) -> None:
+    sets = set_order(per)
     fig = figure(7.5, 3.8)
     ax = fig.add_subplot()
     width = 0.8 / len(per)
-    for i, (name, vals) in enumerate(per.items()):
-        ax.bar([j + i * width for j in range(len(sets))], [vals["judge"][s] for s in sets],
+    for i, name in enumerate(profile_order(per)):
+        ax.bar([j + i * width for j in range(len(sets))], [per[name]["judge"][s] for s in sets],
                width=width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))],
                   [s.replace("overrefusal:", "over:") for s in sets], fontsize=7)
@@ -47,8 +102,8 @@ def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[s
     ax.legend(fontsize=7)
     save_figure(run, "refusal_bars", fig, section="Evaluation", order=1,
                 caption="Held-out refusal rate per dataset: before, after and baselines")
-    quality_rows = [{"profile": name, "dataset": s, **vals["quality"][s]}
-                    for name, vals in per.items() if "quality" in vals for s in sets]
+    quality_rows = [{"profile": name, "dataset": s, **per[name]["quality"][s]}
+                    for name in profile_order(per) if "quality" in per[name] for s in sets]
     if quality_rows:
         save_table(run, "answer_quality", quality_rows, section="Evaluation", order=2,
                    caption="What the answers are worth, per profile and held-out set: refusal "
@@ -56,7 +111,8 @@ def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[s
                    "and language-match rates, and mean perplexity of the answers under the "
                    "unsteered model")
 
-    trials = searched["trials"]
+
+def _search(run: RunDir, trials: list[dict[str, Any]], verified: dict[str, Any]) -> None:
     fig = figure()
     ax = fig.add_subplot()
     ax.scatter([t["kl"] for t in trials], [t["target"] for t in trials], s=14, label="trials")
@@ -70,7 +126,9 @@ def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[s
                 caption="Search trials: proxy target refusal vs KL (chosen trial in red)")
     save_table(run, "verified", verified["rows"], section="Search", order=2,
                caption="Pareto candidates generated and judged before choosing")
-    g, opened = metrics.get("gate"), metrics.get("gate_open") or {}
+
+
+def _gate(run: RunDir, g: dict[str, Any] | None, opened: dict[str, dict[str, float]]) -> None:
     if g and opened:
         sets = list(dict.fromkeys(s for by_set in opened.values() for s in by_set))
         rows = [{"dataset": s, **{name: by_set.get(s) for name, by_set in opened.items()}}
@@ -79,4 +137,3 @@ def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[s
                    caption=f"Share of held-out prompts the topic gate opens for (layer "
                            f"{g['layer']}, {g['pool']} pooling; out-of-fold recall "
                            f"{g['recall_oof']:.2f} on the topic's fitting prompts)")
-    build_report(run, title=f"Refusal steering — {metrics.get('mode', '')}")

@@ -37,6 +37,28 @@ class SearchSpace:
 
 
 @dataclass(frozen=True)
+class TrialParams:
+    """One trial's steering: a block of `width` layers from `start`, each steered by `alpha`
+    times its layer's refuse-vs-answer gap, behind the topic gate or not."""
+
+    start: int
+    width: int
+    alpha: float
+    gate: bool = False
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> TrialParams:
+        """From the JSON dict stages and profiles store."""
+        return cls(int(params["start"]), int(params["width"]), float(params["alpha"]),
+                   bool(params.get("gate", False)))
+
+    @property
+    def size(self) -> float:
+        """How much it steers (α × layers)."""
+        return self.alpha * self.width
+
+
+@dataclass(frozen=True)
 class ProxySets:
     """Prompts for the cheap objectives with their unsteered next-token log-probs.
 
@@ -93,18 +115,19 @@ def steered_logprobs(lm: LoadedModel, prompts: Sequence[str], profile: Profile,
     return out
 
 
-def build_profile(params: dict[str, Any], directions: torch.Tensor, gaps: Sequence[float],
+def build_profile(params: Mapping[str, Any], directions: torch.Tensor, gaps: Sequence[float],
                   space: SearchSpace, gate: Gate | None,
                   levels: Sequence[float] | None = None) -> Profile:
     """The profile a trial's parameters describe (`levels`: for a clamp, the projection of
     the class being moved — refusing prompts when removing — per layer)."""
-    use_gate = gate if params.get("gate", False) else None
+    tp = TrialParams.of(params)
+    use_gate = gate if tp.gate else None
     # A gate decides before steering starts: a gated block begins at the gate's layer at the
     # earliest (shifted, keeping its width).
-    start = max(params["start"], use_gate.layer) if use_gate is not None else params["start"]
-    layers = range(start, min(start + params["width"], space.window[1]))
+    start = max(tp.start, use_gate.layer) if use_gate is not None else tp.start
+    layers = range(start, min(start + tp.width, space.window[1]))
     vectors = {layer: directions[layer] for layer in layers}
-    strengths = {layer: space.sign * params["alpha"] * abs(gaps[layer]) for layer in layers}
+    strengths = {layer: space.sign * tp.alpha * abs(gaps[layer]) for layer in layers}
     if space.operator == "clamp":
         if levels is None:
             raise ValueError("a clamp search needs the moved class's projection per layer")
