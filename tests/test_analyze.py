@@ -98,6 +98,14 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
     assert harm_rows[2]["alpha_abs"] == pytest.approx(expected_abs, rel=1e-3)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["splits"] == 3 and metrics["layer"] == 2
+    # the report leads with paper B's claims, the raw metrics collapsed below them
+    claims = json.loads((out / "tables" / "claims.json").read_text())
+    assert [c["claim"].split()[0] for c in claims] == ["directions", "each", "one", "directions"]
+    assert {c["here"] for c in claims} <= {"holds", "does not hold", "not measured"}
+    stable = claims[1]["here"] == "holds"
+    assert stable == (metrics["stability_min"] is not None and metrics["stability_min"] >= 0.9)
+    html = (out / "report.html").read_text()
+    assert html.index("table-claims") < html.index("All metrics (metrics.json)")
 
     # resume: every stage is reused, nothing recomputed, outputs identical
     before = (out / "stages" / "summary.json").read_text()

@@ -36,12 +36,29 @@ def _offdiag_stats(c: list[list[float]]) -> dict[str, float]:
 def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools: dict,
                   base: dict, eval_rows: dict, geo: dict, oracle: dict, sweeps: dict,
                   summary: dict, unit_scale: float, judge_id: str) -> None:
-    names = geo["names"]
-    li = layer - 1
-    p0 = str(cfg.directions.positions[0])
-    sp = geo["splits"]
+    """Tables, figures, examples and metrics of an analyze run, then report.html."""
+    _split_table(run, cfg, layer, geo)
+    _geometry_tables(run, cfg, layer, geo, oracle)
+    _layer_table(run, cfg, geo)
+    _tradeoff_tables(run, cfg, geo, summary, unit_scale, judge_id)
+    _style_tables(run, summary)
+    from refusalkit.analyze.figures import draw_all
 
-    # ---- per-split table
+    draw_all(run, cfg, layer, geo, oracle, summary, unit_scale)
+    _examples(run, eval_rows, sweeps, cfg.sweep.examples)
+    metrics = headline(cfg, model, layer, geo, oracle, summary, judge_id, run.path)
+    R.save_table(run, "claims", claims(metrics), section="Summary", order=1,
+                 caption="Paper B's claims on this model: whether each holds, by which rule, "
+                 "with the figure and its interval (bootstrap CI or range over splits)")
+    run.write_metrics(metrics)
+    R.build_report(run)
+
+
+
+
+def _split_table(run: RunDir, cfg: AnalyzeConfig, layer: int, geo: dict) -> None:
+    names, li, sp = geo["names"], layer - 1, geo["splits"]
+    p0 = str(cfg.directions.positions[0])
     split_rows = []
     for n in names:
         s = sp[n]
@@ -74,7 +91,11 @@ def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools
                  f"participation ratio; PCs = principal components holding "
                  f"{cfg.stats.pc_fraction:.0%} of ‖δ‖².")
 
-    # ---- cosine matrices
+
+def _geometry_tables(run: RunDir, cfg: AnalyzeConfig, layer: int, geo: dict,
+                     oracle: dict) -> None:
+    names, li = geo["names"], layer - 1
+    p0 = str(cfg.directions.positions[0])
     cos = geo["cosine"][p0][li]
     R.save_table(run, "cosine_matrix", [{"split": a, **{b: _r(cos[i][j]) for j, b in
                                                         enumerate(names)}}
@@ -101,7 +122,10 @@ def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools
                  section="Baseline", order=1,
                  caption="Unsteered behaviour buckets (judged) and oracle-direction stability.")
 
-    # ---- layer profile (long format)
+
+def _layer_table(run: RunDir, cfg: AnalyzeConfig, geo: dict) -> None:
+    names, sp = geo["names"], geo["splits"]
+    p0 = str(cfg.directions.positions[0])
     prof = [{"split": n, "layer": j + 1, "separability": _r(sp[n]["separability"][j]),
              "stability": _r(sp[n]["stability"][p0]["by_layer"][j]),
              "participation_ratio": _r(sp[n]["participation_ratio"][j], 1),
@@ -111,7 +135,10 @@ def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools
     R.save_table(run, "layer_profile", prof, section="Layers", order=1,
                  caption="Where the signal lives, per split and layer.")
 
-    # ---- sweeps
+
+def _tradeoff_tables(run: RunDir, cfg: AnalyzeConfig, geo: dict, summary: dict,
+                     unit_scale: float, judge_id: str) -> None:
+    names = geo["names"]
     sweep_rows = []
     for d, pts in summary["curves"].items():
         for p in pts:
@@ -149,7 +176,8 @@ def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools
                  caption="|ΔORR| between two directions' curves at matched RR (linear "
                  "interpolation over their shared RR range).")
 
-    # ---- styles
+
+def _style_tables(run: RunDir, summary: dict) -> None:
     lex = summary["styles"]["lexical"]
     style_rows = []
     for d, labels in lex.items():
@@ -175,13 +203,6 @@ def write_outputs(run: RunDir, cfg: AnalyzeConfig, model: str, layer: int, pools
                  caption="Style divergence: all directions = I(direction; style) in bits, "
                  "pairs = Jensen–Shannon divergence (bits); permutation p-values, Holm-adjusted "
                  "over pairs.")
-
-    from refusalkit.analyze.figures import draw_all
-
-    draw_all(run, cfg, layer, geo, oracle, summary, unit_scale)
-    _examples(run, eval_rows, sweeps, cfg.sweep.examples)
-    run.write_metrics(headline(cfg, model, layer, geo, oracle, summary, judge_id, run.path))
-    R.build_report(run)
 
 
 def headline(cfg: AnalyzeConfig, model: str, layer: int, geo: dict, oracle: dict,
@@ -237,6 +258,51 @@ def headline(cfg: AnalyzeConfig, model: str, layer: int, geo: dict, oracle: dict
     out["style_MI_bits"] = _r(lex.get("statistic"))
     out["style_p_value"] = _r(lex.get("p_value"))
     return out
+
+
+STABLE = 0.9  # within-split stability a direction needs (paper B measured >= 0.95)
+GAP = 0.1  # |ΔORR| at matched RR below which two directions share one trade-off
+ALPHA = 0.05  # significance of the style test
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("holds" if ok else "does not hold")
+
+
+def claims(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per claim of paper B, read off the headline metrics with a stated rule."""
+    stab_med, cos_med = m.get("stability_median"), m.get("cosine_median")
+    distinct = (None if stab_med is None or cos_med is None
+                or math.isnan(stab_med) or math.isnan(cos_med) else cos_med < stab_med)
+    stab_min = m.get("stability_min")
+    gap_ci = m.get("tradeoff_max_gap_ci") or []
+    shared = None if m.get("tradeoff_max_gap") is None else (
+        (gap_ci[1] if len(gap_ci) == 2 else m["tradeoff_max_gap"]) <= GAP)
+    below = ", ".join(m.get("splits_below_0.9", []))
+    p_style = m.get("style_p_value")
+    styled = None if p_style is None or math.isnan(p_style) else p_style < ALPHA
+    return [
+        {"claim": "directions are distinct", "paper B": "cosines 0.4–0.6 between splits",
+         "rule": "median cosine between splits < median stability within a split",
+         "here": _verdict(distinct), "figure": f"median cosine {cos_med}",
+         "interval": f"{m.get('cosine_min')} – {m.get('cosine_max')} (range over pairs)"},
+        {"claim": "each direction is stable", "paper B": "≥ 0.95 over 32/32 resamples",
+         "rule": f"every split's stability ≥ {STABLE}",
+         "here": _verdict(None if stab_min is None or math.isnan(stab_min)
+                          else stab_min >= STABLE),
+         "figure": f"min {stab_min}, median {stab_med}",
+         "interval": f"splits below {STABLE}: {below or 'none'}"},
+        {"claim": "one shared refusal vs over-refusal trade-off",
+         "paper B": "RR and ORR rise along nearly one curve",
+         "rule": f"upper CI of the largest |ΔORR| at matched RR ≤ {GAP}",
+         "here": _verdict(shared), "figure": f"max gap {m.get('tradeoff_max_gap')} "
+         f"({m.get('tradeoff_max_pair')})", "interval": f"95% CI {gap_ci or 'n/a'}"},
+        {"claim": "directions change how the model refuses (style)",
+         "paper B": "shown qualitatively only",
+         "rule": f"permutation test of I(direction; lexical style), p < {ALPHA}",
+         "here": _verdict(styled), "figure": f"MI {m.get('style_MI_bits')} bits",
+         "interval": f"p = {p_style}"},
+    ]
 
 
 def _n_needed(st: dict) -> int | None:
