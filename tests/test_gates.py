@@ -11,6 +11,7 @@ import torch
 from refusalkit.activations import MEAN_ALL, capture
 from refusalkit.errors import UserError
 from refusalkit.evaluate import judge_gated, judge_prompts, perplexity_ratio
+from refusalkit.examiner import Examiner
 from refusalkit.export import control_vectors
 from refusalkit.gates import _threshold, fit_gate, gate_of, gate_open, wilson_upper
 from refusalkit.interventions import Gate, Profile, addition, load_profile, save_profile
@@ -108,7 +109,7 @@ def test_gated_proxies_equal_the_full_computation(tiny) -> None:
     gate = _mean_gate(tiny)
     prof = Profile((addition({2: torch.randn(64) * 10}, 1.0, gate=gate),))
     target, keep, neutral = PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:]
-    fast = proxy_sets(tiny, target, keep, neutral, gate)
+    fast = proxy_sets(Examiner(tiny, KeywordJudge()), target, keep, neutral, gate)
     slow = ProxySets(target, keep, neutral, last_logprobs(tiny, neutral))
     assert fast.open is not None
     for a, b in zip(proxy_objectives(tiny, prof, fast)[:3],
@@ -123,8 +124,9 @@ def test_a_shut_gate_is_not_free_its_leak_rate_prices_the_lifted_kl(tiny) -> Non
     v = torch.randn(64)
     strong = Profile((addition({2: v}, 50.0, gate=shut),))
     gentle = Profile((addition({2: v}, 0.5, gate=shut),))
-    free = proxy_sets(tiny, PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:], shut)
-    priced = proxy_sets(tiny, PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:], shut, leak=0.01)
+    ex = Examiner(tiny, KeywordJudge())
+    free = proxy_sets(ex, PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:], shut)
+    priced = proxy_sets(ex, PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:], shut, leak=0.01)
     assert proxy_objectives(tiny, strong, free).kl == 0.0
     p_strong, p_gentle = proxy_objectives(tiny, strong, priced), proxy_objectives(tiny, gentle,
                                                                                  priced)

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from refusalkit.examiner import Examiner
 from refusalkit.gates import gate_of
 from refusalkit.interventions import Gate
+from refusalkit.judge import KeywordJudge
 from refusalkit.steer.mode import MODES
 from refusalkit.steer.search import (
     SearchSpace,
@@ -31,7 +33,7 @@ def test_a_fixed_gate_reaches_the_candidates_and_the_front_is_filled(tiny, tmp_p
     dirs = torch.randn(n_layers, 64)
     shut = Gate(1, torch.randn(64), 1e9, "last")  # opens for nothing
     space = SearchSpace((1, 4), 2, 2.0, -1.0, (True,))
-    sets = proxy_sets(tiny, PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:], shut)
+    sets = proxy_sets(Examiner(tiny, KeywordJudge()), PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:], shut)
     study = run_study(tiny, dirs, [1.0] * n_layers, space, sets, trials=5,
                       storage=tmp_path / "s.sqlite", seed=0, gate=shut)
     cands = pareto_candidates(study, kl_max=0.1, n=3)
@@ -87,7 +89,7 @@ def test_candidates_spread_from_the_strongest_to_the_gentlest_effective_trial(
     torch.manual_seed(0)
     dirs = torch.randn(4, 64)
     space = SearchSpace((1, 4), 3, 2.0, -1.0, (False,))
-    sets = proxy_sets(tiny, PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:])
+    sets = proxy_sets(Examiner(tiny, KeywordJudge()), PROMPTS[:2], PROMPTS[2:4], PROMPTS[4:])
     study = run_study(tiny, dirs, [1.0] * 4, space, sets, trials=10,
                       storage=tmp_path / "s.sqlite", seed=0)
     front = sorted(t.values[0] for t in study.best_trials)

@@ -131,9 +131,8 @@ class Steer:
     def search(self, fit: Fit, space: SearchSpace, proxies: ProxyPrompts, gate: Gate | None,
                gate_rec: dict[str, Any] | None) -> dict[str, Any]:
         cfg, lm = self.cfg, self.ex.lm
-        sets = proxy_sets(lm, proxies.target, proxies.keep, self.splits.neutral_proxy, gate,
-                          leak=gate_rec["leak"] if gate_rec is not None else 0.0,
-                          batch_size=cfg.batch_size)
+        sets = proxy_sets(self.ex, proxies.target, proxies.keep, self.splits.neutral_proxy,
+                          gate, leak=gate_rec["leak"] if gate_rec is not None else 0.0)
         study = run_study(lm, fit.directions, fit.gaps, space, sets, trials=cfg.search.trials,
                           storage=self.run.file("study.sqlite"), seed=cfg.seed, gate=gate,
                           levels=fit.levels)

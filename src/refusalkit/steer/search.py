@@ -18,7 +18,8 @@ from typing import Any, NamedTuple, TypeVar
 import optuna
 import torch
 
-from refusalkit.gates import gate_of, gate_open
+from refusalkit.examiner import Examiner
+from refusalkit.gates import gate_of
 from refusalkit.interventions import Gate, Profile, addition, clamping, lift_gate
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import kl_divergence, last_logprobs, refusal_log_odds, refusal_token_ids
@@ -85,19 +86,17 @@ class Proxies(NamedTuple):
     kl_lifted: float  # gated profiles: the KL with the gate lifted (what a leak costs)
 
 
-def proxy_sets(lm: LoadedModel, target: Sequence[str], keep: Sequence[str],
-               neutral: Sequence[str], gate: Gate | None = None, leak: float = 0.0,
-               batch_size: int = 16) -> ProxySets:
-    """Unsteered log-probs of every proxy set and, with a gate, its decisions."""
-    def base(ps: Sequence[str]) -> torch.Tensor:
-        return last_logprobs(lm, ps, batch_size=batch_size)
-
+def proxy_sets(ex: Examiner, target: Sequence[str], keep: Sequence[str],
+               neutral: Sequence[str], gate: Gate | None = None,
+               leak: float = 0.0) -> ProxySets:
+    """Unsteered log-probs of every proxy set and, with a gate, its decisions (both from the
+    examiner, which remembers them for the later stages)."""
     opened = None
     if gate is not None:
-        opened = {name: gate_open(lm, gate, ps, batch_size=batch_size)
+        opened = {name: ex.opened(gate, ps)
                   for name, ps in (("target", target), ("keep", keep), ("neutral", neutral))}
-    return ProxySets(target, keep, neutral, base(neutral), base(target), base(keep), opened,
-                     leak, gate)
+    return ProxySets(target, keep, neutral, ex.logprobs(neutral), ex.logprobs(target),
+                     ex.logprobs(keep), opened, leak, gate)
 
 
 def steered_logprobs(lm: LoadedModel, prompts: Sequence[str], profile: Profile,
