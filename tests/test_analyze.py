@@ -157,13 +157,13 @@ def test_sweeps_can_steer_at_another_layer_and_position(tmp_path, monkeypatch):
     swept: list[tuple[torch.Tensor, int]] = []
     real_sweep, real_cal = A.sweep_direction, A.calibrate
 
-    def spy(lm_, judge, cfg_, vector, layer, *a, **k):
+    def spy(ex, cfg_, vector, layer, *a, **k):
         swept.append((vector.clone(), layer))
-        return real_sweep(lm_, judge, cfg_, vector, layer, *a, **k)
+        return real_sweep(ex, cfg_, vector, layer, *a, **k)
 
-    def spy_cal(lm_, judge, cfg_, vector, layer, *a, **k):
+    def spy_cal(ex, cfg_, vector, layer, *a, **k):
         seen["cal"] = (vector.clone(), layer)
-        return real_cal(lm_, judge, cfg_, vector, layer, *a, **k)
+        return real_cal(ex, cfg_, vector, layer, *a, **k)
 
     monkeypatch.setattr(A, "sweep_direction", spy)
     monkeypatch.setattr(A, "calibrate", spy_cal)

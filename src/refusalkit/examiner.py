@@ -15,8 +15,9 @@ import torch
 
 from refusalkit.evaluate import Judged, judge_gated, judge_prompts
 from refusalkit.gates import gate_of, gate_open
+from refusalkit.generation import generate
 from refusalkit.interventions import Gate, Profile
-from refusalkit.judge import Judge, JudgementCache
+from refusalkit.judge import CachedJudge, Judge, Judgement, JudgementCache
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import last_logprobs
 
@@ -57,6 +58,18 @@ class Examiner:
         if profile is None:
             self._unsteered[key] = list(out)
         return out
+
+    def judged_texts(self, prompts: Sequence[str], profile: Profile | None = None
+                     ) -> tuple[list[str], list[Judgement]]:
+        """Greedy answers (after any thinking) and the judge's own judgement of each: for
+        analyses that read the judge's label and style rather than c(x)."""
+        gens = generate(self.lm, list(prompts), profile=profile,
+                        max_new_tokens=self.decoding.max_new_tokens,
+                        batch_size=self.batch_size, show_progress=self.show_progress,
+                        logprobs=False)
+        texts = [g[0].answer for g in gens]
+        judge = CachedJudge(self.judge, self.cache) if self.cache is not None else self.judge
+        return texts, judge.judge(list(prompts), texts)
 
     def remember(self, prompts: Sequence[str], judged: Sequence[Judged]) -> None:
         """Unsteered answers computed earlier (a resumed stage) stand for a fresh run."""

@@ -41,7 +41,8 @@ from refusalkit.analyze.sweeps import (
     unsteered_eval,
 )
 from refusalkit.artifacts import DirectionSet, model_record, save_directions
-from refusalkit.judge import Judge
+from refusalkit.examiner import Decoding, Examiner
+from refusalkit.judge import JudgementCache
 from refusalkit.models import LoadedModel
 from refusalkit.runs import RunDir, run_manifest
 
@@ -73,14 +74,17 @@ def analyze(config: AnalyzeConfig | str | Path, out: str | Path, *, resume: bool
                             seeds={"seed": cfg.seed}, title=f"refusalkit analyze — {lm.name}",
                             judge=judge.id, layer=layer)
     with RunDir(out, manifest, resume=resume) as run:
-        _pipeline(run, cfg, lm, judge, layer, show_progress)
+        ex = Examiner(lm, judge, Decoding(max_new_tokens=cfg.sweep.max_new_tokens),
+                      cache=JudgementCache(run.file("judgements.sqlite")),
+                      batch_size=cfg.sweep.batch_size, show_progress=show_progress)
+        _pipeline(run, cfg, ex, layer)
         return run.path
 
 
-def _pipeline(run: RunDir, cfg: AnalyzeConfig, lm: LoadedModel, judge: Judge, layer: int,
-              show_progress: bool) -> None:
+def _pipeline(run: RunDir, cfg: AnalyzeConfig, ex: Examiner, layer: int) -> None:
+    lm, show_progress = ex.lm, ex.show_progress
     pools = run.stage("prompts", lambda: split_pools(cfg))
-    base = run.stage("baseline", lambda: baseline(lm, judge, cfg, show_progress))
+    base = run.stage("baseline", lambda: baseline(ex, cfg))
     buckets = bucket_prompts(base)
     prompts = _unique([p for sides in pools.values() for side in sides.values() for p in side]
                       + [p for b in BUCKETS for p in buckets[b]])
@@ -102,8 +106,7 @@ def _pipeline(run: RunDir, cfg: AnalyzeConfig, lm: LoadedModel, judge: Judge, la
     _save_direction_artifact(run, lm, cfg, geo_t, oracle_t, layers)
 
     chosen = choose_eval(base, cfg.buckets.eval_per_bucket, cfg.seed)
-    eval_rows = run.stage("eval_baseline", lambda: unsteered_eval(lm, judge, cfg, chosen,
-                                                                  show_progress))
+    eval_rows = run.stage("eval_baseline", lambda: unsteered_eval(ex, chosen))
     sl, pi = sweep_site(cfg, lm.n_layers, layer)
     oracle_sweep = oracle_t if pi == 0 else oracle_directions(cfg, buckets, rows, pi)
     vectors = swept_vectors(cfg, geo_t, oracle_sweep, sl, pi)
@@ -113,19 +116,18 @@ def _pipeline(run: RunDir, cfg: AnalyzeConfig, lm: LoadedModel, judge: Judge, la
     scale = unit_scale
     if cfg.sweep.calibrate:
         cal = run.stage("calibration", lambda: calibrate(
-            lm, judge, cfg, geo_t["dirs"][0, pi, sl - 1], sl, unit_scale, eval_rows,
-            show_progress))
+            ex, cfg, geo_t["dirs"][0, pi, sl - 1], sl, unit_scale, eval_rows))
         scale = unit_scale * cal["alpha_max"]
     alphas_abs = [a * scale for a in cfg.sweep.alphas]
     sweeps = run_sweeps(list(vectors), run.stage, lambda n: sweep_direction(
-        lm, judge, cfg, vectors[n], sl, alphas_abs, eval_rows, show_progress))
+        ex, cfg, vectors[n], sl, alphas_abs, eval_rows))
     summary = run.stage("summary", lambda: summarize(cfg, eval_rows, sweeps))
     summary["site"] = {"layer": sl, "position": cfg.directions.positions[pi]}
 
     from refusalkit.analyze.report import write_outputs
 
     write_outputs(run, cfg, lm.name, layer, pools, base, eval_rows, geo, oracle, sweeps,
-                  summary, scale, judge.id)
+                  summary, scale, ex.judge.id)
 
 
 def sweep_site(cfg: AnalyzeConfig, n_layers: int, layer: int) -> tuple[int, int]:

@@ -23,21 +23,20 @@ import torch
 
 from refusalkit.analyze.config import AnalyzeConfig, sample_pool
 from refusalkit.analyze.styles import lexical_style
-from refusalkit.generation import generate
+from refusalkit.examiner import Examiner
 from refusalkit.interventions import Profile, ablation, addition
-from refusalkit.judge import Judge
-from refusalkit.models import LoadedModel
 from refusalkit.scoring import refusal_score
 
 BUCKETS = ("HR", "HC", "BR", "BC")
 
 
-def judge_responses(judge: Judge, prompts: Sequence[str],
-                    texts: Sequence[str]) -> list[dict[str, Any]]:
-    """Judge (prompt, response) pairs → rows with refusal (0/1), score, judge and lexical
-    style (lexical style only for refusals; compliance rows carry style "compliance")."""
+def judged_rows(ex: Examiner, prompts: Sequence[str],
+                profile: Profile | None = None) -> list[dict[str, Any]]:
+    """Greedy answers under `profile`, judged → rows with refusal (0/1), score, judge and
+    lexical style (lexical style only for refusals; compliance rows carry "compliance")."""
+    texts, judgements = ex.judged_texts(prompts, profile)
     out = []
-    for p, t, j in zip(prompts, texts, judge.judge(list(prompts), list(texts)), strict=True):
+    for p, t, j in zip(prompts, texts, judgements, strict=True):
         refused = bool(j.is_refusal)
         out.append({"prompt": p, "response": t, "refusal": int(refused),
                     "score": float(j.score), "judge_style": j.style,
@@ -45,15 +44,7 @@ def judge_responses(judge: Judge, prompts: Sequence[str],
     return out
 
 
-def _generate(lm: LoadedModel, prompts: Sequence[str], cfg: AnalyzeConfig,
-              profile: Profile | None, show_progress: bool) -> list[str]:
-    gens = generate(lm, list(prompts), profile=profile, max_new_tokens=cfg.sweep.max_new_tokens,
-                    batch_size=cfg.sweep.batch_size, show_progress=show_progress)
-    return [g[0].answer for g in gens]
-
-
-def baseline(lm: LoadedModel, judge: Judge, cfg: AnalyzeConfig,
-             show_progress: bool = True) -> dict[str, Any]:
+def baseline(ex: Examiner, cfg: AnalyzeConfig) -> dict[str, Any]:
     """Unsteered, judged responses for the bucket pool (a JSON-ready stage result)."""
     b = cfg.buckets
     harmful = sample_pool(b.harmful, b.n_harmful, cfg.seed)
@@ -61,8 +52,8 @@ def baseline(lm: LoadedModel, judge: Judge, cfg: AnalyzeConfig,
     candidates = sample_pool(b.benign, n_cand, cfg.seed)
     prescreen: dict[str, float] = {}
     if b.prescreen > 0 and len(candidates) > b.n_benign:
-        scores = refusal_score(lm, candidates, batch_size=cfg.batch_size,
-                               show_progress=show_progress)
+        scores = refusal_score(ex.lm, candidates, batch_size=cfg.batch_size,
+                               show_progress=ex.show_progress)
         prescreen = {p: float(s) for p, s in zip(candidates, scores, strict=True)}
         n_top = round(b.enrich * b.n_benign)
         ranked = sorted(candidates, key=lambda p: -prescreen[p])
@@ -74,8 +65,7 @@ def baseline(lm: LoadedModel, judge: Judge, cfg: AnalyzeConfig,
         benign = candidates[: b.n_benign]
     rows = {}
     for side, prompts in (("harmful", harmful), ("benign", benign)):
-        texts = _generate(lm, prompts, cfg, None, show_progress)
-        rows[side] = judge_responses(judge, prompts, texts)
+        rows[side] = judged_rows(ex, prompts)
         for r in rows[side]:
             refused = r["refusal"] == 1
             r["bucket"] = ("HR" if refused else "HC") if side == "harmful" else \
@@ -112,24 +102,21 @@ def choose_eval(base: dict[str, Any], per_bucket: int, seed: int) -> dict[str, l
     return out
 
 
-def unsteered_eval(lm: LoadedModel, judge: Judge, cfg: AnalyzeConfig,
-                   chosen: dict[str, list[dict]], show_progress: bool = True
-                   ) -> dict[str, list[dict]]:
+def unsteered_eval(ex: Examiner, chosen: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """α = 0 for the sweeps: the evaluation prompts regenerated unsteered in exactly the
     batches the steered conditions use, so a difference is the steering, not a different
     padding (greedy decoding of borderline prompts can flip with batch composition).
     Rows keep the bucket their baseline response put them in."""
     prompts = [r["prompt"] for r in chosen["harmful"] + chosen["benign"]]
-    rows = judge_responses(judge, prompts, _generate(lm, prompts, cfg, None, show_progress))
+    rows = judged_rows(ex, prompts)
     n_h = len(chosen["harmful"])
     for r, c in zip(rows, chosen["harmful"] + chosen["benign"], strict=True):
         r["bucket"] = c["bucket"]
     return {"harmful": rows[:n_h], "benign": rows[n_h:]}
 
 
-def calibrate(lm: LoadedModel, judge: Judge, cfg: AnalyzeConfig, vector: torch.Tensor,
-              layer: int, unit_scale: float, eval_rows: dict[str, list[dict]],
-              show_progress: bool = True) -> dict[str, Any]:
+def calibrate(ex: Examiner, cfg: AnalyzeConfig, vector: torch.Tensor, layer: int,
+              unit_scale: float, eval_rows: dict[str, list[dict]]) -> dict[str, Any]:
     """α_max for the sweeps: walk up `sweep.ladder` adding the (first split's) direction to
     complied benign evaluation prompts until `calibrate_target` of them refuse (judged).
 
@@ -145,8 +132,7 @@ def calibrate(lm: LoadedModel, judge: Judge, cfg: AnalyzeConfig, vector: torch.T
     steps: list[dict[str, float]] = []
     for a in sw.ladder:
         profile = Profile((addition({layer: r}, a * unit_scale),))
-        judged = judge_responses(judge, prompts, _generate(lm, prompts, cfg, profile,
-                                                            show_progress))
+        judged = judged_rows(ex, prompts, profile)
         rate = sum(j["refusal"] for j in judged) / len(judged)
         steps.append({"alpha": a, "alpha_abs": a * unit_scale, "refusal": rate})
         if rate >= sw.calibrate_target:
@@ -158,9 +144,9 @@ def calibrate(lm: LoadedModel, judge: Judge, cfg: AnalyzeConfig, vector: torch.T
             "reached": reached}
 
 
-def sweep_direction(lm: LoadedModel, judge: Judge, cfg: AnalyzeConfig, vector: torch.Tensor,
-                    layer: int, alphas_abs: Sequence[float], eval_rows: dict[str, list[dict]],
-                    show_progress: bool = True) -> dict[str, Any]:
+def sweep_direction(ex: Examiner, cfg: AnalyzeConfig, vector: torch.Tensor, layer: int,
+                    alphas_abs: Sequence[float], eval_rows: dict[str, list[dict]]
+                    ) -> dict[str, Any]:
     """All conditions of one direction: addition at each α, then ablation (if enabled)."""
     r = (vector.double() / vector.double().norm().clamp_min(1e-12)).float()
     prompts = [row["prompt"] for row in eval_rows["harmful"] + eval_rows["benign"]]
@@ -170,11 +156,10 @@ def sweep_direction(lm: LoadedModel, judge: Judge, cfg: AnalyzeConfig, vector: t
         for a_rel, a_abs in zip(cfg.sweep.alphas, alphas_abs, strict=True)]
     if cfg.sweep.ablation:
         conditions.append(("ablate", 0.0, 0.0,
-                           Profile((ablation(r, list(range(lm.n_layers))),))))
+                           Profile((ablation(r, list(range(ex.lm.n_layers))),))))
     out = []
     for kind, a_rel, a_abs, profile in conditions:
-        texts = _generate(lm, prompts, cfg, profile, show_progress)
-        rows = judge_responses(judge, prompts, texts)
+        rows = judged_rows(ex, prompts, profile)
         out.append({"kind": kind, "alpha": a_rel, "alpha_abs": a_abs,
                     "harmful": rows[:n_h], "benign": rows[n_h:]})
     return {"conditions": out}
