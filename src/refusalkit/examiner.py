@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from refusalkit.evaluate import Judged, judge_gated, judge_prompts
+from refusalkit.evaluate import Judged, judge_gated, judge_prompts, score_prompts
 from refusalkit.gates import gate_of, gate_open
 from refusalkit.generation import generate
 from refusalkit.interventions import Gate, Profile
 from refusalkit.judge import CachedJudge, Judge, Judgement, JudgementCache
+from refusalkit.judge.protocol import PromptScore
 from refusalkit.models import LoadedModel
 from refusalkit.scoring import last_logprobs
 
@@ -31,6 +32,7 @@ class Decoding:
     k: int = 5
     max_new_tokens: int = 48
     seed: int = 0
+    signed: bool = True  # votes are the judge's calibrated 2P-1; False: paper A's +-1 labels
 
 
 class Examiner:
@@ -58,6 +60,16 @@ class Examiner:
         if profile is None:
             self._unsteered[key] = list(out)
         return out
+
+    def scores(self, prompts: Sequence[str], profile: Profile | None = None
+               ) -> list[PromptScore]:
+        """Paper A's confidence protocol in full: every sampled answer, its weight and vote,
+        and c(x) per prompt."""
+        d = self.decoding
+        return score_prompts(self.lm, prompts, self.judge, k=d.k, mode=d.mode,  # type: ignore[arg-type]
+                             max_new_tokens=d.max_new_tokens, profile=profile, seed=d.seed,
+                             signed=d.signed, cache=self.cache, batch_size=self.batch_size,
+                             show_progress=self.show_progress)
 
     def judged_texts(self, prompts: Sequence[str], profile: Profile | None = None
                      ) -> tuple[list[str], list[Judgement]]:

@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Paper A's refusal confidence c(x) per prompt and the dataset summary
         (refusal / neutral / compliance %, style distribution)."""
-        from refusalkit.evaluate import score_prompts
+        from refusalkit.examiner import Decoding, Examiner
         from refusalkit.interventions import load_profile
         from refusalkit.judge.protocol import summarize
         from refusalkit.judge.spec import make_judge
@@ -154,11 +154,10 @@ def register(app: typer.Typer) -> None:
         pset = load_prompts(prompts, limit=limit)
         lm = load_model(model)
         prof = load_profile(profile, lm) if profile is not None else None
-        scores = score_prompts(lm, pset.prompts, make_judge(judge, lm=lm), k=k,
-                               mode=mode,  # type: ignore[arg-type]
-                               max_new_tokens=max_new_tokens, profile=prof, seed=seed,
-                               signed=not hard_votes,
-                               cache=_cache(cache, no_cache), show_progress=opts.progress)
+        ex = Examiner(lm, make_judge(judge, lm=lm),
+                      Decoding(mode, k, max_new_tokens, seed, signed=not hard_votes),
+                      cache=_cache(cache, no_cache), show_progress=opts.progress)
+        scores = ex.scores(pset.prompts, prof)
         summary = {"dataset": prompts, "model": model, "judge": judge, "mode": mode,
                    **summarize(scores)}
         if out is not None:
