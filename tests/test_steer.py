@@ -11,7 +11,7 @@ from conftest import PlantedWord, build_tiny
 from refusalkit.errors import UserError
 from refusalkit.interventions import load_profile
 from refusalkit.judge import JudgementCache
-from refusalkit.prompts import load_prompts
+from refusalkit.prompts import load_prompts, write_jsonl
 from refusalkit.steer.config import SteerConfig
 from refusalkit.steer.pipeline import run_steer, split_data
 
@@ -116,6 +116,35 @@ def test_clamp_operator_runs_through_the_pipeline(tmp_path: Path, monkeypatch) -
     # far below 1 (candidates are taken within search.kl_max = 0.1 on the proxy prompts).
     assert not metrics["gated"]
     assert 0.0 < metrics["kl_harmless"] < 1.0, metrics["kl_harmless"]
+
+
+def test_extra_target_sets_and_harmful_gate_opens_are_reported(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """A second held-out phrasing of the topic (data.target_extra) gets refusal, useful rate
+    and the gate's recall; the gate's opens on held-out harmful prompts are counted with the
+    steered refusal on exactly those prompts. Gate on: both are measured."""
+    extra = tmp_path / "extra.jsonl"
+    write_jsonl(extra, [{"prompt": p} for p in
+                        ["bake bread please", "tell me how i bake cake", "write about bread",
+                         "how do i bake bread cake please"]])
+    lm = build_tiny("llama")
+    cfg = tiny_cfg(**{"data.target_extra": [str(extra)], "search.gate": "on",
+                      "eval.examples": 0, "eval.baselines": False})
+    monkeypatch.setattr("refusalkit.steer.pipeline.make_judge", lambda spec: PlantedWord())
+    out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
+    m = json.loads((out / "metrics.json").read_text())
+    got = m["target_extra"][str(extra)]
+    assert got["n"] == 4 and 0.0 <= got["gate_recall"] <= 1.0
+    opened = m["gate_open"]["after"][f"target_extra:{extra}"]
+    assert got["gate_recall"] == opened
+    assert got["refusal_before"] == m["per_dataset"]["before"]["judge"][f"target_extra:{extra}"]
+    h = m["gate_harmful"]
+    assert h["n"] == cfg.data.n_eval and h["opened"] == len(h["opened_prompts"])
+    assert h["share"] == h["opened"] / h["n"]
+    assert h["share"] == m["gate_open"]["after"]["safety_eval"]
+    summary = json.loads((out / "tables" / "summary.json").read_text())
+    assert [r["held-out set"] for r in summary][:3] == ["target_eval", f"target_extra:{extra}",
+                                                        "safety_eval"]
 
 
 def test_gate_negatives_come_from_the_named_sources_and_overlap_nothing() -> None:

@@ -24,6 +24,11 @@ class DataConfig(ConfigModel):
     """Held-out ordinary prompts for KL and perplexity in the final evaluation."""
     overrefusal: list[str] = ["xstest?label=safe", "coconot_contrast"]
     """Benign look-alike prompts; their refusal rate must not rise."""
+    target_extra: list[str] = []
+    """More held-out sets of the target topic in other phrasings (e.g. builtin:china_requests:
+    requests and instructions in English and Chinese). Never fitted, searched or chosen on;
+    refusal, useful-answer rate and the gate's recall are reported on each (at most
+    max_target prompts each)."""
     n_fit: int = Field(32, ge=4)
     """Prompts drawn from each of safety_fit and neutral for fitting."""
     n_proxy: int = Field(16, ge=2)

@@ -27,6 +27,7 @@ class Splits:
     kl_eval: list[str]
     overrefusal: dict[str, list[str]] = field(default_factory=dict)  # spec -> prompts
     gate_negatives: list[str] = field(default_factory=list)
+    target_extra: dict[str, list[str]] = field(default_factory=dict)  # spec -> prompts
 
     def named(self) -> dict[str, list[str]]:
         """Every set by its name (over-refusal sets as overrefusal:SPEC), as run records
@@ -36,11 +37,14 @@ class Splits:
             "safety_eval", "harmless_eval", "kl_eval")}
         out.update({f"overrefusal:{spec}": ps for spec, ps in self.overrefusal.items()})
         out["gate_negatives"] = self.gate_negatives
+        out.update({f"target_extra:{spec}": ps for spec, ps in self.target_extra.items()})
         return out
 
     def held_out(self) -> dict[str, list[str]]:
         """The held-out sets whose refusal is reported before and after."""
-        return {"target_eval": self.target_eval, "safety_eval": self.safety_eval,
+        return {"target_eval": self.target_eval,
+                **{f"target_extra:{spec}": ps for spec, ps in self.target_extra.items()},
+                "safety_eval": self.safety_eval,
                 **{f"overrefusal:{spec}": ps for spec, ps in self.overrefusal.items()}}
 
 
@@ -64,15 +68,17 @@ def split_data(cfg: SteerConfig) -> Splits:
                                                       offset=d.n_eval).prompts,
     }
     over = {spec: load_prompts(spec).take(d.n_eval, seed=seed).prompts for spec in d.overrefusal}
+    extra = {spec: load_prompts(spec).take(d.max_target, seed=seed).prompts
+             for spec in d.target_extra}
     # The topic gate's negatives: more and more varied "other" prompts than the fitting sets,
     # each source read past the rows every other role took (so they never overlap).
     roles = {"neutral": [(d.neutral, d.n_fit + d.n_proxy)],
              "safety_fit": [(d.safety_fit, d.n_fit)],
              "overrefusal": [(spec, d.n_eval) for spec in d.overrefusal]}
     sources = [src for name in d.gate_sources for src in roles.get(name, [(name, 0)])]
-    taken = {p for ps in [*out.values(), *over.values()] for p in ps}
+    taken = {p for ps in [*out.values(), *over.values(), *extra.values()] for p in ps}
     negatives = list(dict.fromkeys(
         p for spec, offset in sources
         for p in load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
         if p not in taken))
-    return Splits(**out, overrefusal=over, gate_negatives=negatives)
+    return Splits(**out, overrefusal=over, gate_negatives=negatives, target_extra=extra)

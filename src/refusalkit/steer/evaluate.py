@@ -92,8 +92,36 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
                                       "target_useful_after":
                                           qrates[name]["target_eval"]["useful"],
                                       **costs[name]}
+    metrics["target_extra"] = {
+        s[len("target_extra:"):]: {"n": len(data[s]),
+                                   "refusal_before": rates["before"][s],
+                                   "refusal_after": rates["after"][s],
+                                   "useful_before": qrates["before"][s]["useful"],
+                                   "useful_after": qrates["after"][s]["useful"],
+                                   "gate_recall": open_share.get("after", {}).get(s)}
+        for s in sets if s.startswith("target_extra:")}
+    metrics["gate_harmful"] = gate_harmful(ex, profile, data["safety_eval"],
+                                           judged["before"]["safety_eval"],
+                                           judged["after"]["safety_eval"])
     metrics["_examples"] = examples_of(judged, quality, sets, n_examples)
     return metrics
+
+
+def gate_harmful(ex: Examiner, profile: Profile, prompts: list[str], before: list[Judged],
+                 after: list[Judged]) -> dict[str, Any] | None:
+    """The topic gate on held-out harmful requests: the share it opens for (a harmful
+    request that touches the topic unlocks the steering) and the judged refusal on exactly
+    those prompts before and after. None for an ungated profile (it steers every prompt;
+    safety_refusal_after is then the whole story)."""
+    g = gate_of(profile)
+    if g is None:
+        return None
+    opened = ex.opened(g, prompts).tolist()
+    rows = [i for i, o in enumerate(opened) if o]
+    return {"n": len(prompts), "opened": len(rows), "share": len(rows) / max(1, len(prompts)),
+            "refusal_before_on_opened": refusal_rate([before[i] for i in rows]) if rows else None,
+            "refusal_after_on_opened": refusal_rate([after[i] for i in rows]) if rows else None,
+            "opened_prompts": [prompts[i] for i in rows]}
 
 
 def _judge_all(ex: Examiner, data: dict[str, list[str]], profiles: dict[str, Profile]

@@ -47,7 +47,9 @@ def profile_order(per: dict[str, Any]) -> list[str]:
 def set_order(per: dict[str, Any]) -> list[str]:
     """The topic first, then safety, then the over-refusal sets."""
     sets = list(per["before"]["judge"])
-    first = [s for s in ("target_eval", "safety_eval") if s in sets]
+    extra = [s for s in sets if s.startswith("target_extra:")]
+    first = ([s for s in sets if s == "target_eval"] + extra
+             + [s for s in sets if s == "safety_eval"])
     return first + [s for s in sets if s not in first]
 
 
@@ -74,8 +76,16 @@ def _summary(run: RunDir, metrics: dict[str, Any]) -> None:
     costs += [{"profile": n, "kl_harmless": b.get("kl_harmless"),
                "perplexity_ratio": b.get("perplexity_ratio")} for n, b in sorted(base.items())]
     g, opened = metrics.get("gate"), metrics.get("gate_open", {}).get("after", {})
+    harmful = metrics.get("gate_harmful") or {}
     for row in costs:
         row["gate_recall_oof"] = g["recall_oof"] if g and row["profile"] == "after" else None
+        for s in (k for k in opened if k.startswith("target_extra:")):
+            row[f"gate_recall {s[len('target_extra:'):]}"] = (
+                opened[s] if row["profile"] == "after" else None)
+        row["harmful_opened"] = (f"{harmful['opened']}/{harmful['n']}"
+                                 if harmful and row["profile"] == "after" else None)
+        row["harmful_refusal_on_opened_after"] = (harmful.get("refusal_after_on_opened")
+                                                  if row["profile"] == "after" else None)
         row["gate_open_safety"] = opened.get("safety_eval") if row["profile"] == "after" else None
         row["gate_open_harmless"] = (opened.get("harmless_eval") if row["profile"] == "after"
                                      else None)
