@@ -9,6 +9,7 @@ from refusalkit.judge.protocol import THRESHOLD
 from refusalkit.steer.search import TrialParams
 
 TIE = 0.05  # judged rates this close count as a tie (one or two prompts of a verify set)
+SLACK = 0.1  # induce: how much the ordinary prompts' judged refusal may rise on the verify set
 
 
 def proxy_agreement(rows: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -49,9 +50,9 @@ def choose_remove(rows: list[dict[str, Any]], keep_min: float) -> dict[str, Any]
 
 
 def choose_induce(rows: list[dict[str, Any]], base_rate: float) -> dict[str, Any]:
-    """The highest judged target refusal that keeps ordinary prompts answered (at most 0.1
+    """The highest judged target refusal that keeps ordinary prompts answered (at most SLACK
     above their unsteered refusal); among those within TIE of the best, the gentlest."""
-    ok = [r for r in rows if r["keep_refusal"] <= base_rate + 0.1] or rows
+    ok = [r for r in rows if r["keep_refusal"] <= base_rate + SLACK] or rows
     best = max(r["target_refusal"] for r in ok)
     near = [r for r in ok if r["target_refusal"] >= best - TIE]
     return min(near, key=lambda r: (size(r), -r["target_refusal"], r["keep_refusal"]))
