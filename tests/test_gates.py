@@ -10,8 +10,8 @@ import torch
 
 from refusalkit.activations import MEAN_ALL, capture
 from refusalkit.errors import UserError
-from refusalkit.evaluate import judge_gated, judge_prompts, perplexity_ratio
-from refusalkit.examiner import Examiner
+from refusalkit.evaluate import judge_prompts, perplexity_ratio
+from refusalkit.examiner import Decoding, Examiner
 from refusalkit.export import control_vectors
 from refusalkit.gates import _threshold, fit_gate, gate_of, gate_open, wilson_upper
 from refusalkit.interventions import Gate, Profile, addition, load_profile, save_profile
@@ -97,12 +97,14 @@ def test_gated_judging_reuses_unsteered_answers_exactly(tiny) -> None:
     kw = {"max_new_tokens": 5}
     before = judge_prompts(tiny, PROMPTS, judge, **kw)
     full = judge_prompts(tiny, PROMPTS, judge, profile=prof, **kw)
-    fast, opened = judge_gated(tiny, PROMPTS, judge, prof, before, **kw)
+    ex = Examiner(tiny, judge, Decoding(max_new_tokens=5))
+    ex.remember(PROMPTS, before)
+    fast, opened = ex.gated_answers(PROMPTS, prof)
     assert torch.equal(opened, gate_open(tiny, gate, PROMPTS))
     assert [j.response for j in fast] == [j.response for j in full]
     assert any(b.response != f.response for b, f in zip(before, fast, strict=True))
     with pytest.raises(ValueError, match="same prompts"):
-        judge_gated(tiny, PROMPTS[::-1], judge, prof, before, **kw)
+        ex.remember(PROMPTS[::-1], before)
 
 
 def test_gated_proxies_equal_the_full_computation(tiny) -> None:

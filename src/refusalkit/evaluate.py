@@ -117,41 +117,6 @@ def judge_prompts(
     return out
 
 
-def judge_gated(
-    lm: LoadedModel,
-    prompts: Sequence[str],
-    judge: Judge,
-    profile: Profile,
-    unsteered: Sequence[Judged],
-    opened: torch.Tensor | None = None,
-    **kwargs: object,
-) -> tuple[list[Judged], torch.Tensor]:
-    """`judge_prompts` under a profile whose operators share one gate, generating only where
-    the gate opens; returns the judged answers and the gate's decisions.
-
-    A closed gate adds nothing, so a closed prompt's answer *is* its unsteered answer:
-    `unsteered` (the same prompts judged without the profile, same decoding) is reused for
-    those. Profiles without a shared gate are judged on every prompt. Pass `opened` (the
-    gate's decisions on these prompts) when several profiles share one gate.
-    """
-    if len(unsteered) != len(prompts) or any(
-            u.prompt != p for u, p in zip(unsteered, prompts, strict=True)):
-        raise ValueError("unsteered judgements must be of the same prompts, in order")
-    gate = gate_of(profile)
-    if gate is None:
-        return (judge_prompts(lm, prompts, judge, profile=profile, **kwargs),  # type: ignore[arg-type]
-                torch.ones(len(prompts), dtype=torch.bool))
-    if opened is None:
-        opened = gate_open(lm, gate, prompts)
-    rows = opened.nonzero()[:, 0].tolist()
-    out = list(unsteered)
-    steered = judge_prompts(lm, [prompts[i] for i in rows], judge, profile=profile,
-                            **kwargs)  # type: ignore[arg-type]
-    for i, j in zip(rows, steered, strict=True):
-        out[i] = j
-    return out, opened
-
-
 def refusal_rate(judged: Sequence[Judged]) -> float:
     """Fraction classified as refusal (c > 0.1)."""
     return sum(classify(j.confidence) == "refusal" for j in judged) / max(1, len(judged))
@@ -225,24 +190,24 @@ def response_nll(
 
 
 def perplexity_ratio(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[str],
-                     profile: Profile) -> float:
+                     profile: Profile, opened: torch.Tensor | None = None) -> float:
     """Perplexity of the unsteered model's own answers, steered over unsteered (1 = no cost).
 
     A gate decides on the last *prompt* token; scoring prompt + answer in one pass would let
-    it read the answer instead. So the gate decides first, on the prompts alone, and the open
-    rows are scored with the gate lifted, the closed ones unsteered.
+    it read the answer instead. So the gate decides first, on the prompts alone (`opened`:
+    its decisions, when the caller has them), and the open rows are scored with the gate
+    lifted; a closed row's steered NLL is its unsteered one.
     """
-    base, n = response_nll(lm, prompts, responses)
+    per = answer_nlls(lm, prompts, responses)
+    base, n = sum(x for x, _ in per), sum(c for _, c in per)
     gate = gate_of(profile)
     if gate is None:
         steered, _ = response_nll(lm, prompts, responses, profile=profile)
         return math.exp((steered - base) / max(1, n))
-    opened = gate_open(lm, gate, prompts).tolist()
-    ungated = lift_gate(profile)
-    steered = 0.0
-    for flag, prof in ((True, ungated), (False, None)):
-        rows = [i for i, o in enumerate(opened) if o == flag]
-        if rows:
-            steered += response_nll(lm, [prompts[i] for i in rows],
-                                    [responses[i] for i in rows], profile=prof)[0]
+    flags = (opened if opened is not None else gate_open(lm, gate, prompts)).tolist()
+    rows = [i for i, o in enumerate(flags) if o]
+    steered = sum(per[i][0] for i, o in enumerate(flags) if not o)
+    if rows:
+        steered += response_nll(lm, [prompts[i] for i in rows], [responses[i] for i in rows],
+                                profile=lift_gate(profile))[0]
     return math.exp((steered - base) / max(1, n))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from refusalkit.evaluate import Judged, judge_gated, judge_prompts, score_prompts
+from refusalkit.evaluate import Judged, judge_prompts, score_prompts
 from refusalkit.gates import gate_of, gate_open
 from refusalkit.generation import generate
 from refusalkit.interventions import Gate, Profile
@@ -85,6 +85,9 @@ class Examiner:
 
     def remember(self, prompts: Sequence[str], judged: Sequence[Judged]) -> None:
         """Unsteered answers computed earlier (a resumed stage) stand for a fresh run."""
+        if len(judged) != len(prompts) or any(
+                j.prompt != p for j, p in zip(judged, prompts, strict=True)):
+            raise ValueError("unsteered judgements must be of the same prompts, in order")
         self._unsteered[self.decoding.mode, tuple(prompts)] = list(judged)
 
     def gated_answers(self, prompts: Sequence[str], profile: Profile
@@ -94,12 +97,12 @@ class Examiner:
         gate = gate_of(profile)
         if gate is None:
             return self.answers(prompts, profile), torch.ones(len(prompts), dtype=torch.bool)
-        d = self.decoding
-        return judge_gated(self.lm, prompts, self.judge, profile, self.answers(prompts),
-                           self.opened(gate, prompts),
-                           mode=d.mode, k=d.k, max_new_tokens=d.max_new_tokens,
-                           cache=self.cache, seed=d.seed, batch_size=self.batch_size,
-                           show_progress=self.show_progress)
+        opened = self.opened(gate, prompts)
+        out = self.answers(prompts)  # a closed gate adds nothing: those rows stay unsteered
+        rows = opened.nonzero()[:, 0].tolist()
+        for i, j in zip(rows, self.answers([prompts[i] for i in rows], profile), strict=True):
+            out[i] = j
+        return out, opened
 
     def opened(self, gate: Gate, prompts: Sequence[str]) -> torch.Tensor:
         """The gate's decision per prompt, memoised per (gate, prompt set)."""

@@ -154,7 +154,9 @@ def _cost(ex: Examiner, splits: Splits, p: Profile) -> dict[str, float]:
                                                    ex.batch_size))
     return {"kl_harmless": float(kl.mean()),
             "kl_harmless_first_n_eval": float(kl[: len(harmless)].mean()),
-            "perplexity_ratio": perplexity_ratio(ex.lm, harmless, base_answers, p)}
+            "perplexity_ratio": perplexity_ratio(
+                ex.lm, harmless, base_answers, p,
+                ex.opened(g, harmless) if g is not None else None)}
 
 
 def examples_of(judged: dict[str, dict[str, list[Judged]]],
