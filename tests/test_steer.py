@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,17 @@ def test_every_stage_runs_and_resume_reuses_them(tmp_path: Path, monkeypatch) ->
     assert set(metrics["proxy_rank_agreement"]) == {"refusal", "useful"}
     examples = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
     assert all("after_useful" in e and "after_perplexity" in e for e in examples)
+    # every held-out answer of every profile is kept, not only the examples
+    answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    count = Counter((a["profile"], a["dataset"]) for a in answers)
+    profiles = {"before", "after", "md_steering", "arditi_ablation"}
+    assert {p for p, _ in count} == profiles
+    for p, s in count:
+        assert count[p, s] == count["before", s] > 0, (p, s)
+    for p in profiles:
+        rows = [a for a in answers if a["profile"] == p and a["dataset"] == "target_eval"]
+        assert sum(a["refusal"] for a in rows) / len(rows) == pytest.approx(
+            metrics["per_dataset"][p]["judge"]["target_eval"]), p
     # the planted word was in 3 of 8 held-out topic answers; removal takes it out (measured 0/8)
     assert metrics["target_refusal_before"] > 0.0
     assert metrics["target_refusal_after"] < metrics["target_refusal_before"], metrics

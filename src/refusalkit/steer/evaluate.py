@@ -104,6 +104,7 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
                                            judged["before"]["safety_eval"],
                                            judged["after"]["safety_eval"])
     metrics["_examples"] = examples_of(judged, quality, sets, n_examples)
+    metrics["_answers"] = answers_of(judged, quality)
     return metrics
 
 
@@ -157,6 +158,18 @@ def _cost(ex: Examiner, splits: Splits, p: Profile) -> dict[str, float]:
             "perplexity_ratio": perplexity_ratio(
                 ex.lm, harmless, base_answers, p,
                 ex.opened(g, harmless) if g is not None else None)}
+
+
+def answers_of(judged: dict[str, dict[str, list[Judged]]],
+               quality: dict[str, dict[str, list[AnswerQuality]]]) -> list[dict[str, Any]]:
+    """Every held-out answer of every profile ("before" = unsteered), with its judgement and
+    flags: rates are only worth what the answers behind them are, and a reader (or another
+    judge) must be able to read all of them, not only the report's examples."""
+    return [{"profile": name, "dataset": s, "index": i, "prompt": j.prompt,
+             "response": j.response, "label": j.label, "confidence": j.confidence,
+             "style": j.style, "p_on_topic": j.on_topic, **q.flags()}
+            for name, by_set in judged.items() for s, js in by_set.items()
+            for i, (j, q) in enumerate(zip(js, quality[name][s], strict=True))]
 
 
 def examples_of(judged: dict[str, dict[str, list[Judged]]],

@@ -24,6 +24,7 @@ from refusalkit.interventions import Gate, Profile, save_profile
 from refusalkit.judge import JudgementCache, make_judge
 from refusalkit.judge.guard import guarded
 from refusalkit.models import LoadedModel, load_model
+from refusalkit.prompts import write_jsonl
 from refusalkit.quality import assess
 from refusalkit.quality import rates as quality_rates
 from refusalkit.runs import RunDir, check_run_folder, run_manifest
@@ -118,6 +119,7 @@ class Steer:
         evaluated = run.stage("evaluate", lambda: evaluate_all(
             ex, self.splits, profile, baselines, cfg.eval.examples))
         examples = evaluated.get("_examples", [])
+        write_jsonl(run.file("answers.jsonl"), evaluated.get("_answers", []))
         metrics = self.metrics(evaluated, profile, verified, searched, gate_rec)
         run.write_json("metrics.json", metrics)
         write_report(run, layer_rows, searched, verified, metrics, examples)
@@ -204,7 +206,7 @@ class Steer:
         """metrics.json, built once: the held-out figures and what the run chose. Timings
         stay in timings.json, so two runs' metrics are identical."""
         cfg, params = self.cfg, verified["chosen"]["params"]
-        metrics = {k: v for k, v in evaluated.items() if k != "_examples"}
+        metrics = {k: v for k, v in evaluated.items() if not k.startswith("_")}
         metrics.update({
             "mode": self.mode.name, "method": cfg.directions.method,
             "operator": cfg.search.operator, "chosen_layers": profile.layers,
