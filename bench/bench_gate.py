@@ -38,11 +38,12 @@ def main() -> None:
     from refusalkit.steer.fit import fit_topic_gate, gate_of_record
 
     cfg = SteerConfig.load(args.config, parse_set(args.set_))
-    splits = split_data(cfg)
+    splits = split_data(cfg.data, cfg.seed)
     lm = load_model(cfg.model)
     t0 = time.perf_counter()
     print(f"fitting the gate on {len(splits.target_fit)} topic prompts ...", flush=True)
-    rec = fit_topic_gate(lm, {}, splits, cfg, show_progress=False)
+    rec = fit_topic_gate(lm, {}, splits, cfg.search, batch_size=cfg.batch_size, seed=cfg.seed,
+                         show_progress=False)
     fit_s = time.perf_counter() - t0
     print(f"fitted in {fit_s:.0f} s", flush=True)
     gate = gate_of_record(rec)

@@ -75,9 +75,9 @@ def exhaustive(cfg: SteerConfig, run: Path, lm) -> dict[str, Any]:
     base = _read(st / "baseline.json")
     searched = _read(st / "search.json")
     dirs = load_file(str(st / "directions.safetensors"))
-    splits = steer_mod.split_data(cfg)
+    splits = steer_mod.split_data(cfg.data, cfg.seed)
     mode = mode_of(cfg.mode)
-    space = steer_mod.search_space(lm, cfg, mode)
+    space = steer_mod.search_space(lm, cfg.search, mode)
     gate = gate_of_record(_read(st / "gate.json") if (st / "gate.json").is_file() else None)
     # The same target/keep sets run_steer's verify stage judges (steer/mode.py).
     proxies = mode.proxies(splits.target_fit, splits.neutral, splits.safety_fit, base,

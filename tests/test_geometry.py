@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from refusalkit.analyze import divergence as D
 from refusalkit.analyze import geometry as G
 
 
@@ -183,22 +184,22 @@ def test_tradeoff_bootstrap_ci_covers_point_and_separates_different_curves():
 def test_js_divergence_bounds():
     p = torch.tensor([1.0, 0.0])
     q = torch.tensor([0.0, 1.0])
-    assert G.js_divergence(p, q) == pytest.approx(1.0)
-    assert G.js_divergence(p, p) == pytest.approx(0.0)
-    assert G.distribution(["x", "y", "y"], ["x", "y", "z"]).tolist() == pytest.approx(
+    assert D.js_divergence(p, q) == pytest.approx(1.0)
+    assert D.js_divergence(p, p) == pytest.approx(0.0)
+    assert D.distribution(["x", "y", "y"], ["x", "y", "z"]).tolist() == pytest.approx(
         [1 / 3, 2 / 3, 0.0])
 
 
 def test_permutation_test_small_p_for_different_and_large_for_equal_distributions():
     a = ["ai_identity"] * 30 + ["apology"] * 10
     b = ["safety"] * 30 + ["apology"] * 10
-    diff = G.permutation_test([a, b], n_perm=500, seed=0)
+    diff = D.permutation_test([a, b], n_perm=500, seed=0)
     assert diff["p_value"] < 0.01
     g = torch.Generator().manual_seed(0)
     cats = ["x", "y", "z"]
     same_a = [cats[int(i)] for i in torch.randint(3, (60,), generator=g)]
     same_b = [cats[int(i)] for i in torch.randint(3, (60,), generator=g)]
-    eq = G.permutation_test([same_a, same_b], n_perm=500, seed=0)
+    eq = D.permutation_test([same_a, same_b], n_perm=500, seed=0)
     assert eq["p_value"] > 0.05
 
 
@@ -207,11 +208,11 @@ def test_style_divergence_pairs_global_and_holm():
               "safety": ["safety"] * 20 + ["apology"] * 5,
               "safety2": ["safety"] * 19 + ["apology"] * 6,
               "empty": []}
-    res = G.style_divergence(labels, n_perm=300, seed=0)
+    res = D.style_divergence(labels, n_perm=300, seed=0)
     assert res["groups"] == ["hum", "safety", "safety2"]
     assert res["pairs"]["hum|safety"]["p_holm"] < 0.05
     assert res["pairs"]["safety|safety2"]["p_value"] > 0.2
     assert res["pairs"]["safety|safety2"]["jsd"] < 0.05
     assert res["overall"]["p_value"] < 0.01
-    assert G.holm_adjust({"a": 0.01, "b": 0.04, "c": 0.5}) == pytest.approx(
+    assert D.holm_adjust({"a": 0.01, "b": 0.04, "c": 0.5}) == pytest.approx(
         {"a": 0.03, "b": 0.08, "c": 0.5})

@@ -14,6 +14,7 @@ from refusalkit.interventions import load_profile
 from refusalkit.judge import JudgementCache
 from refusalkit.prompts import load_prompts, write_jsonl
 from refusalkit.steer.config import SteerConfig
+from refusalkit.steer.data import Splits
 from refusalkit.steer.pipeline import run_steer, split_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,11 +160,15 @@ def test_extra_target_sets_and_harmful_gate_opens_are_reported(tmp_path: Path,
                                                         "safety_eval"]
 
 
+def _split(cfg: SteerConfig) -> Splits:
+    return split_data(cfg.data, cfg.seed)
+
+
 def test_gate_negatives_come_from_the_named_sources_and_overlap_nothing() -> None:
     """Roles are read past the rows they use, other specs skip every prompt a role uses."""
     base = {"data.n_gate": 400, "data.overrefusal": ["xstest?label=safe"]}
-    default = split_data(tiny_cfg(**base))
-    chosen = split_data(tiny_cfg(**base, **{"data.gate_sources": ["neutral", "safety_fit",
+    default = _split(tiny_cfg(**base))
+    chosen = _split(tiny_cfg(**base, **{"data.gate_sources": ["neutral", "safety_fit",
                                                                    "harmful_val"]}))
     xstest = set(load_prompts("xstest?label=safe").prompts)
     harmful_val = set(load_prompts("harmful_val").prompts)
@@ -175,7 +180,7 @@ def test_gate_negatives_come_from_the_named_sources_and_overlap_nothing() -> Non
     assert harmful_val & set(neg) and harmful_val - used <= set(neg)
     assert len(neg) == len(set(neg))
     with pytest.raises(UserError):
-        split_data(tiny_cfg(**{"data.gate_sources": ["no_such_dataset"]}))
+        _split(tiny_cfg(**{"data.gate_sources": ["no_such_dataset"]}))
 
 
 def test_remove_mode_without_refusals_is_a_clear_error(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from refusalkit import report as R
+from refusalkit.analyze import divergence as D
 from refusalkit.analyze import geometry as G
 from refusalkit.analyze.config import AnalyzeConfig
 from refusalkit.analyze.styles import LEXICAL_STYLES
@@ -158,7 +159,7 @@ def _styles(run: RunDir, summary: dict) -> None:
     if not lex:
         return
     names = list(lex)
-    dists = np.array([G.distribution(lex[d], LEXICAL_STYLES).numpy() for d in names])
+    dists = np.array([D.distribution(lex[d], LEXICAL_STYLES).numpy() for d in names])
     colors = _colors(len(LEXICAL_STYLES))
     fig = R.figure(7.0, 0.9 + 0.3 * len(names))
     ax = fig.add_subplot()

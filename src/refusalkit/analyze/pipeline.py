@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from refusalkit.activations import capture
+from refusalkit.analyze import divergence as D
 from refusalkit.analyze import geometry as G
 from refusalkit.analyze.config import AnalyzeConfig, resolve_layer, split_pools
 from refusalkit.analyze.styles import marker_rates
@@ -293,10 +294,10 @@ def summarize(cfg: AnalyzeConfig, eval_rows: dict[str, list[dict]],
     lexical = {n: steered_styles(eval_rows, sw, "style") for n, sw in sweeps.items()}
     judged = {n: steered_styles(eval_rows, sw, "judge_style") for n, sw in sweeps.items()}
     informative = len({x for v in judged.values() for x in v} - {"None"}) > 1
-    tests = {"lexical": G.style_divergence(lexical, n_perm=cfg.stats.permutations,
+    tests = {"lexical": D.style_divergence(lexical, n_perm=cfg.stats.permutations,
                                            seed=cfg.seed)}
     if informative:
-        tests["judge"] = G.style_divergence(judged, n_perm=cfg.stats.permutations,
+        tests["judge"] = D.style_divergence(judged, n_perm=cfg.stats.permutations,
                                             seed=cfg.seed)
     markers = {}
     for n, sw in sweeps.items():

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from refusalkit import report as R
+from refusalkit.analyze import divergence as D
 from refusalkit.analyze import geometry as G
 from refusalkit.analyze.config import AnalyzeConfig
 from refusalkit.analyze.styles import LEXICAL_STYLES
@@ -181,7 +182,7 @@ def _style_tables(run: RunDir, summary: dict) -> None:
     lex = summary["styles"]["lexical"]
     style_rows = []
     for d, labels in lex.items():
-        dist = G.distribution(labels, LEXICAL_STYLES)
+        dist = D.distribution(labels, LEXICAL_STYLES)
         shares = {s: _r(float(v), 3) for s, v in zip(LEXICAL_STYLES, dist, strict=True)}
         style_rows.append({"direction": d, "n": len(labels), **shares})
     R.save_table(run, "styles", style_rows, section="Styles", order=1,

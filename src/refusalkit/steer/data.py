@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from refusalkit.prompts import load_prompts
-from refusalkit.steer.config import SteerConfig
+from refusalkit.steer.config import DataConfig
 
 FITTING = ("target_fit", "safety_fit", "neutral")  # the sets the baseline and directions read
 
@@ -48,9 +48,8 @@ class Splits:
                 **{f"overrefusal:{spec}": ps for spec, ps in self.overrefusal.items()}}
 
 
-def split_data(cfg: SteerConfig) -> Splits:
+def split_data(d: DataConfig, seed: int) -> Splits:
     """Seeded, disjoint prompt lists for every role in the pipeline."""
-    d, seed = cfg.data, cfg.seed
     fit, held = [], []
     for spec in d.target:
         ps = load_prompts(spec).take(d.max_target, seed=seed).prompts

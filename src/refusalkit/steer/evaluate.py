@@ -92,20 +92,26 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
                                       "target_useful_after":
                                           qrates[name]["target_eval"]["useful"],
                                       **costs[name]}
-    metrics["target_extra"] = {
-        s[len("target_extra:"):]: {"n": len(data[s]),
-                                   "refusal_before": rates["before"][s],
-                                   "refusal_after": rates["after"][s],
-                                   "useful_before": qrates["before"][s]["useful"],
-                                   "useful_after": qrates["after"][s]["useful"],
-                                   "gate_recall": open_share.get("after", {}).get(s)}
-        for s in sets if s.startswith("target_extra:")}
+    metrics["target_extra"] = _target_extra(data, rates, qrates, open_share)
     metrics["gate_harmful"] = gate_harmful(ex, profile, data["safety_eval"],
                                            judged["before"]["safety_eval"],
                                            judged["after"]["safety_eval"])
     metrics["_examples"] = examples_of(judged, quality, sets, n_examples)
     metrics["_answers"] = answers_of(judged, quality)
     return metrics
+
+
+def _target_extra(data: dict[str, list[str]], rates: dict[str, dict[str, float]],
+                  qrates: dict[str, dict[str, dict[str, Any]]],
+                  open_share: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Refusal, useful answers and gate recall on each extra phrasing of the target."""
+    return {s[len("target_extra:"):]: {"n": len(ps),
+                                       "refusal_before": rates["before"][s],
+                                       "refusal_after": rates["after"][s],
+                                       "useful_before": qrates["before"][s]["useful"],
+                                       "useful_after": qrates["after"][s]["useful"],
+                                       "gate_recall": open_share.get("after", {}).get(s)}
+            for s, ps in data.items() if s.startswith("target_extra:")}
 
 
 def gate_harmful(ex: Examiner, profile: Profile, prompts: list[str], before: list[Judged],

@@ -15,7 +15,7 @@ from refusalkit.gates import fit_gate, pool_position
 from refusalkit.geometry import auc
 from refusalkit.interventions import Gate
 from refusalkit.models import LoadedModel
-from refusalkit.steer.config import SteerConfig
+from refusalkit.steer.config import DirectionConfig, SearchConfig
 from refusalkit.steer.data import FITTING, Splits
 from refusalkit.steer.mode import Classes, Mode
 from refusalkit.steer.search import SearchSpace
@@ -40,31 +40,31 @@ def confidences(base: dict[str, Any], name: str) -> torch.Tensor:
     return torch.tensor([r["confidence"] for r in base[name]])
 
 
-def activations(lm: LoadedModel, splits: Splits, cfg: SteerConfig,
+def activations(lm: LoadedModel, splits: Splits, position: int, batch_size: int,
                 show_progress: bool) -> dict[str, torch.Tensor]:
     """Every layer's residual stream at the configured prompt position, per fitting set."""
     sets = splits.named()
-    return {name: capture(lm, sets[name], list(range(lm.n_layers)), [cfg.directions.position],
-                          batch_size=cfg.batch_size, show_progress=show_progress)[:, :, 0]
+    return {name: capture(lm, sets[name], list(range(lm.n_layers)), [position],
+                          batch_size=batch_size, show_progress=show_progress)[:, :, 0]
             for name in FITTING}
 
 
 def directions(acts: dict[str, torch.Tensor], cl: Classes, mode: Mode,
-               cfg: SteerConfig) -> dict[str, torch.Tensor]:
+               spec: DirectionConfig) -> dict[str, torch.Tensor]:
     """The directions stage: the configured estimator per layer, its gaps, and the other
     estimator of the md / wrmd pair (steered the same way, as a baseline)."""
     def estimate(method: str) -> torch.Tensor:
         kwargs: dict[str, Any] = {}
         if method in ("rmd", "wrmd"):
-            kwargs["lam"] = cfg.directions.lam
+            kwargs["lam"] = spec.lam
         if method == "wrmd":
             kwargs.update(w_refused=cl.w_refused, w_complied=cl.w_complied,
                           neutral=acts["neutral"])
         return per_layer(get_method(method), cl.refused, cl.complied, **kwargs)
 
-    dirs = estimate(cfg.directions.method)
+    dirs = estimate(spec.method)
     return {"directions": dirs, "gaps": torch.tensor(gaps_levels(cl, mode, dirs)[0]),
-            **{m: estimate(m) for m in BASELINE_METHODS if m != cfg.directions.method}}
+            **{m: estimate(m) for m in BASELINE_METHODS if m != spec.method}}
 
 
 def fit_of(acts: dict[str, torch.Tensor], c_target: torch.Tensor, cl: Classes,
@@ -107,12 +107,12 @@ def layer_table(fit: Fit, mode: Mode) -> list[dict[str, Any]]:
     return rows
 
 
-def search_space(lm: LoadedModel, cfg: SteerConfig, mode: Mode) -> SearchSpace:
-    lo, hi = (round(f * lm.n_layers) for f in cfg.search.window)
+def search_space(lm: LoadedModel, search: SearchConfig, mode: Mode) -> SearchSpace:
+    lo, hi = (round(f * lm.n_layers) for f in search.window)
     lo, hi = max(1, min(lo, lm.n_layers - 1)), max(lo + 1, min(hi, lm.n_layers))
-    gate = {"off": (False,), "on": (True,), "search": (False, True)}[cfg.search.gate]
-    return SearchSpace((lo, hi), cfg.search.max_layers, cfg.search.alpha_max, mode.sign, gate,
-                       cfg.search.operator)
+    gate = {"off": (False,), "on": (True,), "search": (False, True)}[search.gate]
+    return SearchSpace((lo, hi), search.max_layers, search.alpha_max, mode.sign, gate,
+                       search.operator)
 
 
 def gate_of_record(rec: dict[str, Any] | None) -> Gate | None:
@@ -122,13 +122,13 @@ def gate_of_record(rec: dict[str, Any] | None) -> Gate | None:
 
 
 def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
-                    splits: Splits, cfg: SteerConfig,
+                    splits: Splits, search: SearchConfig, *, batch_size: int, seed: int,
                     show_progress: bool) -> dict[str, Any]:
     """A topic detector no deeper than `gate_max_layer`, fitted on the topic's fitting prompts
     against every other prompt the run fits on plus the gate negatives (see gates.py)."""
-    hi = max(1, min(lm.n_layers - 1, round(cfg.search.gate_max_layer * lm.n_layers)))
+    hi = max(1, min(lm.n_layers - 1, round(search.gate_max_layer * lm.n_layers)))
     layers = list(range(1, hi + 1))
-    pool = cfg.search.gate_pool
+    pool = search.gate_pool
 
     data = splits.named()
 
@@ -136,12 +136,12 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
         if pool == "last" and name in acts:  # the activations stage read exactly this
             return acts[name][:, layers]
         return capture(lm, data[name], layers, [pool_position(pool)],
-                       batch_size=cfg.batch_size, show_progress=show_progress)[:, :, 0]
+                       batch_size=batch_size, show_progress=show_progress)[:, :, 0]
 
     names = ["neutral", "safety_fit"] + (["gate_negatives"] if data["gate_negatives"] else [])
     neg = torch.cat([read(n) for n in names])
-    fit = fit_gate(read("target_fit"), neg, layers, max_false_open=cfg.search.gate_false_open,
-                   pool=pool, seed=cfg.seed)
+    fit = fit_gate(read("target_fit"), neg, layers, max_false_open=search.gate_false_open,
+                   pool=pool, seed=seed)
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
             "margin_z": fit.margin_z, "shrink": fit.shrink,

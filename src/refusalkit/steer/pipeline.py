@@ -62,7 +62,7 @@ def run_steer(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
               show_progress: bool = True, lm: LoadedModel | None = None) -> Path:
     """Run the whole pipeline into the run folder `out`; returns its path."""
     t_start = time.perf_counter()
-    splits = split_data(cfg)
+    splits = split_data(cfg.data, cfg.seed)
     check_run_folder(out, resume)  # fail before the (slow) model load
     # Looping output counts as refusal whatever the judge: steering pushed too far loops, and
     # must not pass for steering that works (judge/guard.py).
@@ -97,17 +97,18 @@ class Steer:
         run, cfg, ex = self.run, self.cfg, self.ex
         base = run.stage("baseline", self.baseline)
         acts = run.tensor_stage("activations", lambda: activations(
-            ex.lm, self.splits, cfg, ex.show_progress))
+            ex.lm, self.splits, cfg.directions.position, cfg.batch_size, ex.show_progress))
         c_target = confidences(base, "target_fit")
         cl = self.mode.classes(acts, c_target, confidences(base, "safety_fit"))
         fit = fit_of(acts, c_target, cl, run.tensor_stage(
-            "directions", lambda: directions(acts, cl, self.mode, cfg)), self.mode)
+            "directions", lambda: directions(acts, cl, self.mode, cfg.directions)), self.mode)
         layer_rows = run.stage("layers", lambda: layer_table(fit, self.mode))
-        gate_rec = (run.stage("gate", lambda: fit_topic_gate(ex.lm, acts, self.splits, cfg,
-                                                             ex.show_progress))
+        gate_rec = (run.stage("gate", lambda: fit_topic_gate(
+            ex.lm, acts, self.splits, cfg.search, batch_size=cfg.batch_size, seed=cfg.seed,
+            show_progress=ex.show_progress))
                     if cfg.search.gate != "off" else None)
         gate = gate_of_record(gate_rec)
-        space = search_space(ex.lm, cfg, self.mode)
+        space = search_space(ex.lm, cfg.search, self.mode)
         proxies = self.mode.proxies(self.splits.target_fit, self.splits.neutral,
                                     self.splits.safety_fit, base, cfg.data.n_proxy)
         searched = run.stage("search", lambda: self.search(fit, space, proxies, gate,
