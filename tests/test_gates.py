@@ -47,6 +47,23 @@ def test_fit_gate_picks_the_informative_layer_and_opens_on_no_held_out_negative(
     assert rows[4]["auc"] > 0.99 > max(rows[3]["auc"], rows[5]["auc"])
 
 
+def test_ordinary_negatives_on_the_topic_are_not_allowed_to_shut_the_gate() -> None:
+    """Everyday prompts are unlabelled: a few of them on the topic (cooking requests among
+    harmless_train) would push the threshold over most topic prompts. Marked ordinary, they
+    are set aside; the same planted prompts marked harmful still hold the gate shut."""
+    pos, neg = _synthetic(60, 200)
+    topical = pos[:, :, :].clone()[:6] + 0.1  # six negatives that are really on the topic
+    topical[:, 1, 0] += 2.0  # and read as strongly topical as the topic's best
+    neg = torch.cat([neg, topical])
+    ordinary = torch.zeros(len(neg), dtype=torch.bool)
+    ordinary[150:] = True  # the last 50 clean ones and the six planted ones are everyday
+    harmful = fit_gate(pos, neg, [3, 4, 5])
+    cleaned = fit_gate(pos, neg, [3, 4, 5], ordinary=ordinary)
+    assert harmful.recall < 0.3 and not harmful.dropped  # they must keep it shut
+    assert cleaned.recall > 0.9 and set(cleaned.dropped) == set(range(200, 206))
+    assert cleaned.table[1]["dropped"] == 6
+
+
 def test_threshold_lets_through_at_most_the_allowed_share_of_negatives() -> None:
     neg = torch.arange(100, dtype=torch.float64)  # 0..99
     pos = torch.tensor([50.0, 97.5, 120.0, 130.0], dtype=torch.float64)

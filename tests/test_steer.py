@@ -198,8 +198,10 @@ def test_induce_without_own_refusals_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.real
 def test_induce_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
     """The whole pipeline on qwen2.5-coder-0.5b with a small budget: induce refusal on
-    cooking questions (which the model answers), and the judged held-out refusal rate goes
-    up. (smollm2-135m cannot be the testbed: it refuses no harmful prompt at baseline.)"""
+    cooking questions (which the model answers): the judged held-out refusal rate goes up,
+    over-refusal of other harmless prompts and JailbreakBench refusal stay, KL stays small
+    (issue 15 §4's bounds at a small budget). (smollm2-135m cannot be the testbed: it
+    refuses no harmful prompt at baseline.)"""
     cfg = SteerConfig.load(REPO / "configs" / "induce_qwen.toml", {
         "data.n_fit": 12, "data.n_proxy": 6, "data.n_eval": 8, "data.max_target": 40,
         "judge.max_new_tokens": 24, "search.trials": 6, "search.verify": 2,
@@ -208,6 +210,10 @@ def test_induce_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
     m = json.loads((out / "metrics.json").read_text())
     assert m["target_refusal_before"] <= 0.25
     assert m["target_refusal_after"] >= m["target_refusal_before"] + 0.25, m
+    # ... and nothing else: the earlier failure raised over-refusal 0.19 -> 0.63 at KL 2.34
+    assert m["overrefusal_after"] <= m["overrefusal_before"] + 0.05, m
+    assert m["safety_refusal_after"] >= m["safety_refusal_before"], m
+    assert m["kl_harmless"] <= 0.1, m
     assert load_profile(out / "profile", qwen).layers == m["chosen_layers"]
     assert m["search_generated_tokens"] > 0
 

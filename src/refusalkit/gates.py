@@ -20,6 +20,13 @@ Choices, written down:
   out-of-fold topic score above that one (widest margin), then is mapped back through the
   all-data fit's statistics.
 - Layer: the highest out-of-fold recall at that threshold; ties go to the larger margin.
+- Ordinary negatives are unlabelled, not negative: a pool of everyday prompts holds some
+  on the topic itself (harmless_train has ~480 cooking requests in 18,800), and one of them
+  above the threshold forces it over most of the topic. So an *ordinary* negative (the
+  caller says which are; harmful and look-alike prompts never are) whose out-of-fold score
+  reaches the median topic score is taken for an unlabelled topic prompt and left out of
+  the threshold (one round of positive-unlabelled cleaning); the gate
+  record lists them so a reader can check.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class GateFit:
     leak: float  # 95 % upper bound (Wilson) of the out-of-fold false-open rate
     shrink: float  # ridge λ in units of the negatives' mean coordinate variance
     table: list[dict[str, float]]  # one row per candidate layer (best shrink)
+    dropped: tuple[int, ...] = ()  # ordinary negatives taken for unlabelled topic prompts
 
 
 def _folds(n: int, k: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -88,10 +96,11 @@ def _threshold(pos_z: torch.Tensor, neg_z: torch.Tensor,
 
 def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
              max_false_open: float = 0.0, pool: str = "last", folds: int = 4,
-             seed: int = 0) -> GateFit:
+             seed: int = 0, ordinary: torch.Tensor | None = None) -> GateFit:
     """Fit a topic gate from [n, L, d] topic (`pos`) and other (`neg`) activations, where
     axis 1 indexes `layers` (model layer numbers) and the features were read as `pool`
-    says (see `pool_position`)."""
+    says (see `pool_position`). `ordinary` [n_neg] bool marks everyday negatives that may
+    secretly be on the topic (see the module notes)."""
     if pos.shape[0] < folds or neg.shape[0] < folds:
         raise UserError(f"a topic gate needs at least {folds} topic and {folds} other prompts "
                         f"(got {pos.shape[0]} and {neg.shape[0]})")
@@ -111,22 +120,27 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
                 v, mu, sd = _fit(p_tr, n_tr, shrink)
                 pz[pf] = (p[pf] @ v.double() - mu) / sd
                 nz[nf] = (n[nf] @ v.double() - mu) / sd
-            t, recall, margin = _threshold(pz, nz, max_false_open)
+            drop = (ordinary & (nz >= pz.median()) if ordinary is not None
+                     else torch.zeros(len(nz), dtype=torch.bool))
+            kept = nz[~drop]
+            t, recall, margin = _threshold(pz, kept, max_false_open)
             key = (recall, margin)
             row = {"layer": layer, "shrink": shrink, "recall": recall, "margin_z": margin,
-                   "auc": auc(pz, nz), "threshold_z": t,
-                   "leak": wilson_upper(int((nz > t).sum()), len(nz))}
+                   "auc": auc(pz, kept), "threshold_z": t,
+                   "leak": wilson_upper(int((kept > t).sum()), len(kept)),
+                   "dropped": int(drop.sum())}
             if layer_best is None or key > layer_best[0]:
-                layer_best = (key, row)
+                layer_best = (key, row, drop)
         assert layer_best is not None
         table.append(layer_best[1])
         if best is None or layer_best[0] > best[0]:
-            best = (layer_best[0], layer_best[1], slot)
+            best = (layer_best[0], layer_best[1], slot, layer_best[2])
     assert best is not None
-    row, slot = best[1], best[2]
-    v, mu, sd = _fit(pos[:, slot], neg[:, slot], row["shrink"])
+    row, slot, drop = best[1], best[2], best[3]
+    v, mu, sd = _fit(pos[:, slot], neg[:, slot], row["shrink"])  # as in the folds: same scale
     gate = Gate(int(row["layer"]), v, mu + row["threshold_z"] * sd, pool)  # type: ignore[arg-type]
-    return GateFit(gate, row["recall"], row["margin_z"], row["leak"], row["shrink"], table)
+    return GateFit(gate, row["recall"], row["margin_z"], row["leak"], row["shrink"], table,
+                   tuple(torch.nonzero(drop).flatten().tolist()))
 
 
 def pool_position(pool: str) -> int | str:

@@ -28,6 +28,8 @@ class Splits:
     overrefusal: dict[str, list[str]] = field(default_factory=dict)  # spec -> prompts
     gate_negatives: list[str] = field(default_factory=list)
     target_extra: dict[str, list[str]] = field(default_factory=dict)  # spec -> prompts
+    # gate negatives read from the everyday (neutral) source: unlabelled, may be on the topic
+    gate_ordinary: list[str] = field(default_factory=list)
 
     def named(self) -> dict[str, list[str]]:
         """Every set by its name (over-refusal sets as overrefusal:SPEC), as run records
@@ -76,8 +78,9 @@ def split_data(d: DataConfig, seed: int) -> Splits:
              "overrefusal": [(spec, d.n_eval) for spec in d.overrefusal]}
     sources = [src for name in d.gate_sources for src in roles.get(name, [(name, 0)])]
     taken = {p for ps in [*out.values(), *over.values(), *extra.values()] for p in ps}
-    negatives = list(dict.fromkeys(
-        p for spec, offset in sources
-        for p in load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
-        if p not in taken))
-    return Splits(**out, overrefusal=over, gate_negatives=negatives, target_extra=extra)
+    read = {(spec, offset): load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
+            for spec, offset in sources}
+    negatives = list(dict.fromkeys(p for ps in read.values() for p in ps if p not in taken))
+    ordinary = set(read.get((d.neutral, d.n_fit + d.n_proxy), ()))
+    return Splits(**out, overrefusal=over, gate_negatives=negatives, target_extra=extra,
+                  gate_ordinary=[p for p in negatives if p in ordinary])

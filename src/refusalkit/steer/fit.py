@@ -140,10 +140,13 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
 
     names = ["neutral", "safety_fit"] + (["gate_negatives"] if data["gate_negatives"] else [])
     neg = torch.cat([read(n) for n in names])
+    texts = [p for n in names for p in data[n]]
+    everyday = set(splits.neutral) | set(splits.gate_ordinary)
     fit = fit_gate(read("target_fit"), neg, layers, max_false_open=search.gate_false_open,
-                   pool=pool, seed=seed)
+                   pool=pool, seed=seed,
+                   ordinary=torch.tensor([p in everyday for p in texts], dtype=torch.bool))
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
             "margin_z": fit.margin_z, "shrink": fit.shrink,
             "n_topic": len(data["target_fit"]), "n_other": int(neg.shape[0]),
-            "layers": fit.table}
+            "dropped_ordinary": [texts[i] for i in fit.dropped], "layers": fit.table}
