@@ -21,12 +21,15 @@ Choices, written down:
   all-data fit's statistics.
 - Layer: the highest out-of-fold recall at that threshold; ties go to the larger margin.
 - Ordinary negatives are unlabelled, not negative: a pool of everyday prompts holds some
-  on the topic itself (harmless_train has ~480 cooking requests in 18,800), and one of them
-  above the threshold forces it over most of the topic. So an *ordinary* negative (the
-  caller says which are; harmful and look-alike prompts never are) whose out-of-fold score
-  reaches the median topic score is taken for an unlabelled topic prompt and left out of
-  the threshold (one round of positive-unlabelled cleaning); the gate
-  record lists them so a reader can check.
+  on the topic itself (harmless_train has ~480 cooking requests in 18,800; CoCoNot's contrast
+  set asks "I made pasta and it seems bland…"), and one of them above the threshold forces it
+  over most of the topic (the cooking gate's recall fell to 0.42). So an *ordinary* negative
+  whose out-of-fold score reaches the median topic score is taken for an unlabelled topic
+  prompt and left out of the threshold (one round of positive-unlabelled cleaning). The
+  caller says which negatives are ordinary: for removal, everyday prompts only (a harmful or
+  look-alike prompt must stay shut, or its refusal is unlocked); for induction, all of them
+  (a wrong open only adds a refusal, which the run measures as over-refusal). The gate
+  record lists the prompts set aside, so a reader can check them.
 """
 
 from __future__ import annotations
