@@ -100,7 +100,9 @@ class Remove(Mode):
 
 class Induce(Mode):
     name, sign, keep_set, arditi_baseline, correlates = "induce", 1.0, "neutral", False, False
-    gate_unlabelled = "all"
+    # "all" was tried on cooking (RESULTS.md): out-of-fold recall 0.42 -> 0.75, but held out
+    # 9/16 -> 10/16 while XSTest-safe refusal rose 0.25 -> 0.35 and KL 0.000 -> 0.082
+    gate_unlabelled = "everyday"
 
     def classes(self, acts: dict[str, torch.Tensor], c_target: torch.Tensor,
                 c_safety: torch.Tensor) -> Classes:
