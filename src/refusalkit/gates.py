@@ -26,9 +26,9 @@ Choices, written down:
   over most of the topic (the cooking gate's recall fell to 0.42). So an *ordinary* negative
   whose out-of-fold score reaches the median topic score is taken for an unlabelled topic
   prompt and left out of the threshold (one round of positive-unlabelled cleaning). The
-  caller says which negatives are ordinary: for removal, everyday prompts only (a harmful or
-  look-alike prompt must stay shut, or its refusal is unlocked); for induction, all of them
-  (a wrong open only adds a refusal, which the run measures as over-refusal). The gate
+  caller says which negatives are ordinary: everyday prompts only (a harmful or look-alike
+  prompt must stay shut, or its refusal is unlocked; letting induce mode set aside look-alikes
+  too was measured and rejected, see RESULTS.md). The gate
   record lists the prompts set aside, so a reader can check them.
 """
 
