@@ -27,8 +27,9 @@ Choices, written down:
   whose out-of-fold score reaches the median topic score is taken for an unlabelled topic
   prompt and left out of the threshold (one round of positive-unlabelled cleaning). The
   caller says which negatives are ordinary: everyday prompts only (a harmful or look-alike
-  prompt must stay shut, or its refusal is unlocked; letting induce mode set aside look-alikes
-  too was measured and rejected, see RESULTS.md). The gate
+  prompt must stay shut, or its refusal is unlocked). Letting induce mode set aside every
+  negative was measured on cooking and rejected: out-of-fold recall 0.42 -> 0.75, held out
+  9/16 -> 10/16, XSTest-safe refusal 0.25 -> 0.35, KL 0.000 -> 0.082 (RESULTS.md). The gate
   record lists the prompts set aside, so a reader can check them.
 """
 

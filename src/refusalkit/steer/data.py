@@ -81,6 +81,6 @@ def split_data(d: DataConfig, seed: int) -> Splits:
     read = {(spec, offset): load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
             for spec, offset in sources}
     negatives = list(dict.fromkeys(p for ps in read.values() for p in ps if p not in taken))
-    ordinary = set(read.get((d.neutral, d.n_fit + d.n_proxy), ()))
+    ordinary = set(read.get(roles["neutral"][0], ()))
     return Splits(**out, overrefusal=over, gate_negatives=negatives, target_extra=extra,
                   gate_ordinary=[p for p in negatives if p in ordinary])

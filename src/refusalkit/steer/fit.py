@@ -123,7 +123,7 @@ def gate_of_record(rec: dict[str, Any] | None) -> Gate | None:
 
 def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
                     splits: Splits, search: SearchConfig, *, batch_size: int, seed: int,
-                    show_progress: bool, unlabelled: str = "everyday") -> dict[str, Any]:
+                    show_progress: bool) -> dict[str, Any]:
     """A topic detector no deeper than `gate_max_layer`, fitted on the topic's fitting prompts
     against every other prompt the run fits on plus the gate negatives (see gates.py)."""
     hi = max(1, min(lm.n_layers - 1, round(search.gate_max_layer * lm.n_layers)))
@@ -142,8 +142,7 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
     neg = torch.cat([read(n) for n in names])
     texts = [p for n in names for p in data[n]]
     everyday = set(splits.neutral) | set(splits.gate_ordinary)
-    ordinary = torch.tensor([unlabelled == "all" or p in everyday for p in texts],
-                            dtype=torch.bool)
+    ordinary = torch.tensor([p in everyday for p in texts], dtype=torch.bool)
     fit = fit_gate(read("target_fit"), neg, layers, max_false_open=search.gate_false_open,
                    pool=pool, seed=seed, ordinary=ordinary)
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,

@@ -40,10 +40,6 @@ class Mode:
     keep_set: ClassVar[str]  # the fitting set whose baseline behaviour must be kept
     arditi_baseline: ClassVar[bool]  # Arditi's ablation is a baseline (removal only)
     correlates: ClassVar[bool]  # the layer table correlates target projections with c(x)
-    # which gate negatives may secretly be on the topic (gates.fit_gate's `ordinary`):
-    # "everyday" prompts only when a wrong open unlocks a refusal (harmful and look-alike
-    # prompts must stay shut); "all" when a wrong open only adds one (over-refusal, measured)
-    gate_unlabelled: ClassVar[str]
 
     def classes(self, acts: dict[str, torch.Tensor], c_target: torch.Tensor,
                 c_safety: torch.Tensor) -> Classes:
@@ -64,7 +60,6 @@ class Mode:
 
 class Remove(Mode):
     name, sign, keep_set, arditi_baseline, correlates = "remove", -1.0, "safety_fit", True, True
-    gate_unlabelled = "everyday"
 
     def classes(self, acts: dict[str, torch.Tensor], c_target: torch.Tensor,
                 c_safety: torch.Tensor) -> Classes:
@@ -100,9 +95,6 @@ class Remove(Mode):
 
 class Induce(Mode):
     name, sign, keep_set, arditi_baseline, correlates = "induce", 1.0, "neutral", False, False
-    # "all" was tried on cooking (RESULTS.md): out-of-fold recall 0.42 -> 0.75, but held out
-    # 9/16 -> 10/16 while XSTest-safe refusal rose 0.25 -> 0.35 and KL 0.000 -> 0.082
-    gate_unlabelled = "everyday"
 
     def classes(self, acts: dict[str, torch.Tensor], c_target: torch.Tensor,
                 c_safety: torch.Tensor) -> Classes:

@@ -105,7 +105,7 @@ class Steer:
         layer_rows = run.stage("layers", lambda: layer_table(fit, self.mode))
         gate_rec = (run.stage("gate", lambda: fit_topic_gate(
             ex.lm, acts, self.splits, cfg.search, batch_size=cfg.batch_size, seed=cfg.seed,
-            show_progress=ex.show_progress, unlabelled=self.mode.gate_unlabelled))
+            show_progress=ex.show_progress))
                     if cfg.search.gate != "off" else None)
         gate = gate_of_record(gate_rec)
         space = search_space(ex.lm, cfg.search, self.mode)
