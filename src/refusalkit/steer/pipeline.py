@@ -11,6 +11,8 @@ What differs between the modes lives in steer/mode.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,21 @@ def run_steer(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
               show_progress: bool = True, lm: LoadedModel | None = None) -> Path:
     """Run the whole pipeline into the run folder `out`; returns its path."""
     t_start = time.perf_counter()
+    with steer_state(cfg, out, resume=resume, show_progress=show_progress, lm=lm) as state:
+        state.run_stages()
+        run = state.run
+        timings = run.read_json("timings.json") if run.file("timings.json").is_file() else {}
+        run.write_json("timings.json", {**timings,
+                                        "total_this_process": time.perf_counter() - t_start})
+        return run.path
+
+
+@contextmanager
+def steer_state(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
+                show_progress: bool = True, lm: LoadedModel | None = None
+                ) -> Iterator[Steer]:
+    """The run folder open with its examiner and splits: for the whole pipeline, or for a
+    study (bench/bench_tradeoff.py) that reuses the fitting stages and sweeps profiles."""
     splits = split_data(cfg.data, cfg.seed)
     check_run_folder(out, resume)  # fail before the (slow) model load
     # Looping output counts as refusal whatever the judge: steering pushed too far loops, and
@@ -75,12 +92,7 @@ def run_steer(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
         decoding = Decoding(cfg.judge.mode, cfg.judge.k, cfg.judge.max_new_tokens, cfg.seed)
         ex = Examiner(lm, judge, decoding, cache=JudgementCache(run.file("judgements.sqlite")),
                       batch_size=cfg.batch_size, show_progress=show_progress)
-        state = Steer(cfg, mode_of(cfg.mode), run, ex, splits)
-        state.run_stages()
-        timings = run.read_json("timings.json") if run.file("timings.json").is_file() else {}
-        run.write_json("timings.json", {**timings,
-                                        "total_this_process": time.perf_counter() - t_start})
-        return run.path
+        yield Steer(cfg, mode_of(cfg.mode), run, ex, splits)
 
 
 @dataclass
@@ -95,18 +107,7 @@ class Steer:
 
     def run_stages(self) -> None:
         run, cfg, ex = self.run, self.cfg, self.ex
-        base = run.stage("baseline", self.baseline)
-        acts = run.tensor_stage("activations", lambda: activations(
-            ex.lm, self.splits, cfg.directions.position, cfg.batch_size, ex.show_progress))
-        c_target = confidences(base, "target_fit")
-        cl = self.mode.classes(acts, c_target, confidences(base, "safety_fit"))
-        fit = fit_of(acts, c_target, cl, run.tensor_stage(
-            "directions", lambda: directions(acts, cl, self.mode, cfg.directions)), self.mode)
-        layer_rows = run.stage("layers", lambda: layer_table(fit, self.mode))
-        gate_rec = (run.stage("gate", lambda: fit_topic_gate(
-            ex.lm, acts, self.splits, cfg.search, batch_size=cfg.batch_size, seed=cfg.seed,
-            show_progress=ex.show_progress))
-                    if cfg.search.gate != "off" else None)
+        base, fit, layer_rows, gate_rec = self.fitted()
         gate = gate_of_record(gate_rec)
         space = search_space(ex.lm, cfg.search, self.mode)
         proxies = self.mode.proxies(self.splits.target_fit, self.splits.neutral,
@@ -124,6 +125,25 @@ class Steer:
         metrics = self.metrics(evaluated, profile, verified, searched, gate_rec)
         run.write_json("metrics.json", metrics)
         write_report(run, layer_rows, searched, verified, metrics, examples)
+
+    def fitted(self) -> tuple[dict[str, Any], Fit, list[dict[str, Any]],
+                              dict[str, Any] | None]:
+        """Stages 1-4: baseline judgements, activations, directions with the layer table, and
+        the topic gate's record (None when the config turns it off)."""
+        run, cfg, ex = self.run, self.cfg, self.ex
+        base = run.stage("baseline", self.baseline)
+        acts = run.tensor_stage("activations", lambda: activations(
+            ex.lm, self.splits, cfg.directions.position, cfg.batch_size, ex.show_progress))
+        c_target = confidences(base, "target_fit")
+        cl = self.mode.classes(acts, c_target, confidences(base, "safety_fit"))
+        fit = fit_of(acts, c_target, cl, run.tensor_stage(
+            "directions", lambda: directions(acts, cl, self.mode, cfg.directions)), self.mode)
+        layer_rows = run.stage("layers", lambda: layer_table(fit, self.mode))
+        gate_rec = (run.stage("gate", lambda: fit_topic_gate(
+            ex.lm, acts, self.splits, cfg.search, batch_size=cfg.batch_size, seed=cfg.seed,
+            show_progress=ex.show_progress))
+                    if cfg.search.gate != "off" else None)
+        return base, fit, layer_rows, gate_rec
 
     # 1. baseline behaviour on the fitting sets
     def baseline(self) -> dict[str, Any]:
