@@ -59,6 +59,11 @@ def main() -> None:
                      f"{k / max(1, len(prompts)):.3f}", "recall" if want_open else "opens"])
         print(" | ".join(str(x) for x in rows[-1]), flush=True)
 
+    # dev: a second phrasing written for choosing the detector (china_requests.md); the
+    # held-out sets below are reported, not chosen on
+    if "deccp_censored" in cfg.data.target:
+        measure("builtin:china_requests_dev (DEV)",
+                load_prompts("builtin:china_requests_dev").prompts, True)
     measure("target_eval (deccp held out)", splits.target_eval, True)
     for spec, ps in splits.target_extra.items():
         measure(spec, ps, True)

@@ -180,3 +180,53 @@ def test_gate_pooling_survives_the_profile_artifact(tiny, tmp_path: Path) -> Non
         control_vectors(prof)
     with pytest.raises(UserError, match="pooling"):
         Gate(1, torch.randn(64), 0.0, "max")  # type: ignore[arg-type]
+
+
+def test_a_prompts_phrasings_share_a_fold_so_twins_cannot_inflate_recall() -> None:
+    """With each prompt present in several phrasings, a fold that holds one copy and trains
+    on its twin scores a memorised prompt, not the topic. Positives here carry no topic
+    signal at all: split by row, the copies still "generalise" (recall high); split by
+    prompt, the out-of-fold recall shows there is nothing to find."""
+    from refusalkit.gates import _folds
+
+    g = torch.Generator().manual_seed(3)
+    d, copies = 128, 5
+    base_pos, base_neg = torch.randn(20, 1, d, generator=g), torch.randn(60, 1, d, generator=g)
+    pos = base_pos.repeat(copies, 1, 1) + 0.05 * torch.randn(20 * copies, 1, d, generator=g)
+    neg = base_neg.repeat(copies, 1, 1) + 0.05 * torch.randn(60 * copies, 1, d, generator=g)
+    groups = (torch.arange(20).repeat(copies), torch.arange(60).repeat(copies))
+    by_row = fit_gate(pos, neg, [2], max_false_open=0.05)
+    by_prompt = fit_gate(pos, neg, [2], max_false_open=0.05, groups=groups)
+    assert by_row.recall > 0.8, by_row.recall
+    assert by_prompt.recall < 0.3, by_prompt.recall
+    folds = _folds(len(pos), 4, torch.Generator().manual_seed(0), groups[0])
+    assert sorted(torch.cat(folds).tolist()) == list(range(len(pos)))  # a partition
+    for f in folds:  # every prompt's copies in exactly one fold
+        ids = set(groups[0][f].tolist())
+        assert all(set(groups[0][other].tolist()).isdisjoint(ids)
+                   for other in folds if other is not f)
+
+
+def test_the_steer_gate_fits_on_phrasings_and_reports_prompts_not_copies(tiny) -> None:
+    """gate_phrasings wrap topic and other prompts alike; the record counts prompts, and the
+    ordinary prompts it set aside are the prompts themselves, not their wrapped copies."""
+    from refusalkit.steer.config import SteerConfig
+    from refusalkit.steer.data import split_data
+    from refusalkit.steer.fit import fit_topic_gate
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = SteerConfig.load(repo / "configs" / "tiny_steer.toml", {
+        "data.n_gate": 24, "search.gate_phrasings": ["Draft a note on this: {prompt}",
+                                                     "{prompt} Answer in detail."]})
+    splits = split_data(cfg.data, cfg.seed)
+    plain = fit_topic_gate(tiny, {}, splits, cfg.search.model_copy(
+        update={"gate_phrasings": []}), batch_size=8, seed=0, show_progress=False)
+    rec = fit_topic_gate(tiny, {}, splits, cfg.search, batch_size=8, seed=0,
+                         show_progress=False)
+    n_other = len(splits.neutral) + len(splits.safety_fit) + len(splits.gate_negatives)
+    assert rec["n_topic"] == plain["n_topic"] == len(splits.target_fit)
+    assert rec["n_other"] == plain["n_other"] == n_other
+    assert rec["phrasings"] == cfg.search.gate_phrasings and "phrasings" not in plain
+    everyday = set(splits.neutral) | set(splits.gate_ordinary)
+    assert set(rec["dropped_ordinary"]) <= everyday
+    assert rec["vector"] != plain["vector"]  # the wrapped copies took part in the fit

@@ -62,8 +62,15 @@ class GateFit:
     dropped: tuple[int, ...] = ()  # ordinary negatives taken for unlabelled topic prompts
 
 
-def _folds(n: int, k: int, gen: torch.Generator) -> list[torch.Tensor]:
-    return list(torch.randperm(n, generator=gen).chunk(k))
+def _folds(n: int, k: int, gen: torch.Generator,
+           groups: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """k folds of row indices; rows of one group (copies of one prompt in other phrasings)
+    fall in the same fold, so a copy never scores a direction fitted on its twin."""
+    if groups is None:
+        return list(torch.randperm(n, generator=gen).chunk(k))
+    ids = groups.unique()
+    chunks = ids[torch.randperm(len(ids), generator=gen)].chunk(k)
+    return [torch.nonzero(torch.isin(groups, c)).flatten() for c in chunks]
 
 
 def _fit(pos: torch.Tensor, neg: torch.Tensor, shrink: float) -> tuple[torch.Tensor, float, float]:
@@ -100,16 +107,19 @@ def _threshold(pos_z: torch.Tensor, neg_z: torch.Tensor,
 
 def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
              max_false_open: float = 0.0, pool: str = "last", folds: int = 4,
-             seed: int = 0, ordinary: torch.Tensor | None = None) -> GateFit:
+             seed: int = 0, ordinary: torch.Tensor | None = None,
+             groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> GateFit:
     """Fit a topic gate from [n, L, d] topic (`pos`) and other (`neg`) activations, where
     axis 1 indexes `layers` (model layer numbers) and the features were read as `pool`
     says (see `pool_position`). `ordinary` [n_neg] bool marks everyday negatives that may
-    secretly be on the topic (see the module notes)."""
+    secretly be on the topic (see the module notes). `groups` (topic, other) gives each row
+    its prompt's id when rows are one prompt in several phrasings: folds keep them together."""
     if pos.shape[0] < folds or neg.shape[0] < folds:
         raise UserError(f"a topic gate needs at least {folds} topic and {folds} other prompts "
                         f"(got {pos.shape[0]} and {neg.shape[0]})")
     gen = torch.Generator().manual_seed(seed)
-    p_folds, n_folds = _folds(len(pos), folds, gen), _folds(len(neg), folds, gen)
+    pg, ng = groups if groups is not None else (None, None)
+    p_folds, n_folds = _folds(len(pos), folds, gen, pg), _folds(len(neg), folds, gen, ng)
     best: tuple | None = None
     table = []
     for slot, layer in enumerate(layers):

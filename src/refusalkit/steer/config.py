@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from refusalkit.config import ConfigModel
 
@@ -103,9 +103,22 @@ class SearchConfig(ConfigModel):
     gate_false_open: float = Field(0.0, ge=0, lt=0.5)
     """Share of other-topic prompts (out of fold) the gate may open for: higher opens on more
     of the topic, and steers more prompts it should leave alone."""
+    gate_phrasings: list[str] = []
+    """Templates with "{prompt}" (e.g. "Draft a briefing note that answers: {prompt}"): the
+    gate is also fitted on every topic *and* other prompt wrapped in each, so it learns the
+    topic across phrasings without learning the wrapper (both sides carry it); a prompt's
+    copies stay in one fold."""
     verify_prompts: int = Field(32, ge=2)
     """At most this many baseline-refused (remove) / answered (induce) target prompts are
     generated and judged per verified candidate."""
+
+    @field_validator("gate_phrasings")
+    @classmethod
+    def _has_slot(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if "{prompt}" not in t]
+        if bad:
+            raise ValueError(f"each phrasing needs a {{prompt}} slot for the prompt: {bad[0]!r}")
+        return v
 
 
 class EvalConfig(ConfigModel):

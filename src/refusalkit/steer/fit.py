@@ -131,22 +131,41 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
     pool = search.gate_pool
 
     data = splits.named()
+    phrasings = ["{prompt}", *search.gate_phrasings]
 
     def read(name: str) -> torch.Tensor:
-        if pool == "last" and name in acts:  # the activations stage read exactly this
-            return acts[name][:, layers]
-        return capture(lm, data[name], layers, [pool_position(pool)],
-                       batch_size=batch_size, show_progress=show_progress)[:, :, 0]
+        """[copies × n, layers, d]: the set in each phrasing, phrasing-major."""
+        out = []
+        for tpl in phrasings:
+            if tpl == "{prompt}" and pool == "last" and name in acts:
+                out.append(acts[name][:, layers])  # the activations stage read exactly this
+                continue
+            texts = [tpl.replace("{prompt}", p) for p in data[name]]
+            out.append(capture(lm, texts, layers, [pool_position(pool)],
+                               batch_size=batch_size, show_progress=show_progress)[:, :, 0])
+        return torch.cat(out)
 
     names = ["neutral", "safety_fit"] + (["gate_negatives"] if data["gate_negatives"] else [])
     neg = torch.cat([read(n) for n in names])
-    texts = [p for n in names for p in data[n]]
+    texts = [p for _ in phrasings for n in names for p in data[n]]
+    n_neg, n_pos = len(texts) // len(phrasings), len(data["target_fit"])
     everyday = set(splits.neutral) | set(splits.gate_ordinary)
     ordinary = torch.tensor([p in everyday for p in texts], dtype=torch.bool)
+    # read() is phrasing-major per set, so regroup the negatives' rows to phrasing-major overall
+    order = torch.cat([torch.arange(len(phrasings) * len(data[n])).view(len(phrasings), -1)
+                       + sum(len(phrasings) * len(data[m]) for m in names[:i])
+                       for i, n in enumerate(names)], dim=1).flatten()
+    neg = neg[order]
+    groups = (torch.arange(n_pos).repeat(len(phrasings)),
+              torch.arange(n_neg).repeat(len(phrasings)))
     fit = fit_gate(read("target_fit"), neg, layers, max_false_open=search.gate_false_open,
-                   pool=pool, seed=seed, ordinary=ordinary)
+                   pool=pool, seed=seed, ordinary=ordinary,
+                   groups=groups if len(phrasings) > 1 else None)
+    texts = texts[:n_neg]
+    dropped = sorted({i % n_neg for i in fit.dropped})
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
             "margin_z": fit.margin_z, "shrink": fit.shrink,
-            "n_topic": len(data["target_fit"]), "n_other": int(neg.shape[0]),
-            "dropped_ordinary": [texts[i] for i in fit.dropped], "layers": fit.table}
+            "n_topic": n_pos, "n_other": n_neg,
+            "dropped_ordinary": [texts[i] for i in dropped], "layers": fit.table,
+            **({"phrasings": search.gate_phrasings} if search.gate_phrasings else {})}
