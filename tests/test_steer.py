@@ -230,12 +230,8 @@ def test_remove_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
         "data.n_kl": 40, "judge.max_new_tokens": 32, "search.trials": 12,
         "search.verify": 3, "search.verify_prompts": 12, "eval.baselines": False,
         "eval.examples": 2})
-    # the shipped gate phrasings, cut to the first one: each one costs a pass over every
-    # gate prompt, and one is enough to run the path on a real model
-    cfg.search.gate_phrasings = cfg.search.gate_phrasings[:1]
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=qwen)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["gate"]["phrasings"] == cfg.search.gate_phrasings != []
     assert m["target_refusal_before"] >= 0.4, m
     assert m["target_refusal_after"] <= m["target_refusal_before"] - 0.25, m
     assert m["safety_refusal_after"] >= m["safety_refusal_before"] - 0.1, m
