@@ -134,7 +134,7 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
     phrasings = ["{prompt}", *search.gate_phrasings]
 
     def read(name: str) -> torch.Tensor:
-        """[copies × n, layers, d]: the set in each phrasing, phrasing-major."""
+        """[phrasings, n, layers, d]: the set in each phrasing."""
         out = []
         for tpl in phrasings:
             if tpl == "{prompt}" and pool == "last" and name in acts:
@@ -143,25 +143,19 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
             texts = [tpl.replace("{prompt}", p) for p in data[name]]
             out.append(capture(lm, texts, layers, [pool_position(pool)],
                                batch_size=batch_size, show_progress=show_progress)[:, :, 0])
-        return torch.cat(out)
+        return torch.stack(out)
 
     names = ["neutral", "safety_fit"] + (["gate_negatives"] if data["gate_negatives"] else [])
-    neg = torch.cat([read(n) for n in names])
-    texts = [p for _ in phrasings for n in names for p in data[n]]
-    n_neg, n_pos = len(texts) // len(phrasings), len(data["target_fit"])
+    # rows phrasing-major: row i is prompt i % n of its set, in phrasing i // n
+    pos = read("target_fit").flatten(0, 1)
+    neg = torch.cat([read(n) for n in names], dim=1).flatten(0, 1)
+    texts = [p for n in names for p in data[n]]
+    n_pos, n_neg, k = len(data["target_fit"]), len(texts), len(phrasings)
     everyday = set(splits.neutral) | set(splits.gate_ordinary)
-    ordinary = torch.tensor([p in everyday for p in texts], dtype=torch.bool)
-    # read() is phrasing-major per set, so regroup the negatives' rows to phrasing-major overall
-    order = torch.cat([torch.arange(len(phrasings) * len(data[n])).view(len(phrasings), -1)
-                       + sum(len(phrasings) * len(data[m]) for m in names[:i])
-                       for i, n in enumerate(names)], dim=1).flatten()
-    neg = neg[order]
-    groups = (torch.arange(n_pos).repeat(len(phrasings)),
-              torch.arange(n_neg).repeat(len(phrasings)))
-    fit = fit_gate(read("target_fit"), neg, layers, max_false_open=search.gate_false_open,
-                   pool=pool, seed=seed, ordinary=ordinary,
-                   groups=groups if len(phrasings) > 1 else None)
-    texts = texts[:n_neg]
+    ordinary = torch.tensor([p in everyday for p in texts], dtype=torch.bool).repeat(k)
+    groups = (torch.arange(n_pos).repeat(k), torch.arange(n_neg).repeat(k)) if k > 1 else None
+    fit = fit_gate(pos, neg, layers, max_false_open=search.gate_false_open, pool=pool,
+                   seed=seed, ordinary=ordinary, groups=groups)
     dropped = sorted({i % n_neg for i in fit.dropped})
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
