@@ -87,6 +87,10 @@ def main() -> None:
         neutral = st.splits.neutral_proxy
         n_base = ex.logprobs(neutral)
 
+        def qrates(js: list[Judged]) -> dict[str, float | None]:
+            return quality_rates([assess(j.prompt, j.response, j.confidence, j.on_topic)
+                                  for j in js])
+
         def profile_of(op: str, params: dict[str, Any]) -> Profile:
             if op == "ablate":
                 return Profile((ablation(fit.directions[params["start"]],
@@ -98,8 +102,7 @@ def main() -> None:
                     keep: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             prof = profile_of(op, params)
             js, opened = ex.gated_answers(prompts, prof)
-            q = quality_rates([assess(j.prompt, j.response, j.confidence, j.on_topic)
-                               for j in js])
+            q = qrates(js)
             row: dict[str, Any] = {"op": op, "params": params, "target_refusal":
                                    refusal_rate(js), "target_useful": q["useful"],
                                    "on_topic": q["on_topic"], "loop": q["loop"],
@@ -113,8 +116,7 @@ def main() -> None:
                         "confidence": j.confidence, "on_topic": j.on_topic} for j in js]
             return row, answers
 
-        unsteered_q = quality_rates([assess(j.prompt, j.response, j.confidence, j.on_topic)
-                                     for j in ex.answers(t_set)])
+        unsteered_q = qrates(ex.answers(t_set))
         rows, answers = [], []
         for op, params in grid(*space.window, args.width):
             row, ans = measure(op, params, t_set, keep=True)
@@ -131,8 +133,7 @@ def main() -> None:
             hr, ans = measure(op, r["params"], held, keep=False)
             held_rows[op] = hr
             answers += [{**a, "held_out": True} for a in ans]
-        before_held = quality_rates([assess(j.prompt, j.response, j.confidence, j.on_topic)
-                                     for j in ex.answers(held)])
+        before_held = qrates(ex.answers(held))
         write_jsonl(args.out / "tradeoff_answers.jsonl", answers)
         (args.out / "tradeoff.json").write_text(json.dumps(
             {"rows": rows, "best": best, "held_out": held_rows, "keep_min": keep_min,
