@@ -73,6 +73,20 @@ def test_threshold_lets_through_at_most_the_allowed_share_of_negatives() -> None
     assert int((neg > t3).sum()) <= 3 and recall3 == 0.75
 
 
+def test_the_false_open_share_holds_within_every_phrasing() -> None:
+    """Pooled over phrasings, a 4 % budget over 200 negatives lets 8 pass, and all 8 may be
+    the plain phrasing's (8 % of the prompts users actually type); per phrasing, at most 4."""
+    plain = torch.cat([torch.arange(92, dtype=torch.float64), 100.0 + torch.arange(8.0)])
+    wrapped = torch.arange(100, dtype=torch.float64) - 50.0  # far below every plain score
+    neg, strata = torch.cat([plain, wrapped]), torch.arange(2).repeat_interleave(100)
+    pos = torch.tensor([102.5, 106.5, 200.0], dtype=torch.float64)
+    pooled, _, _ = _threshold(pos, neg, 0.04)
+    per, recall, _ = _threshold(pos, neg, 0.04, strata)
+    assert int((plain > pooled).sum()) == 8
+    assert int((plain > per).sum()) <= 4 and per > pooled
+    assert all(int((neg[strata == s] > per).sum()) <= 4 for s in (0, 1))
+    assert abs(recall - 2 / 3) < 1e-9
+
 def test_fit_gate_needs_enough_prompts() -> None:
     pos, neg = _synthetic(2, 50)
     with pytest.raises(UserError, match="topic gate needs"):

@@ -92,12 +92,17 @@ def wilson_upper(k: int, n: int, z: float = 1.645) -> float:
     return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
-def _threshold(pos_z: torch.Tensor, neg_z: torch.Tensor,
-               max_false_open: float) -> tuple[float, float, float]:
+def _threshold(pos_z: torch.Tensor, neg_z: torch.Tensor, max_false_open: float,
+               strata: torch.Tensor | None = None) -> tuple[float, float, float]:
     """(threshold, recall, margin): at most a `max_false_open` share of negatives above the
-    threshold, placed halfway to the next topic score so the margin is as wide as it can be."""
-    k = int(max_false_open * len(neg_z))
-    top = float(neg_z.sort(descending=True).values[k])
+    threshold, placed halfway to the next topic score so the margin is as wide as it can be.
+    With `strata` (each negative's phrasing) the share holds within every stratum: pooled,
+    the budget could all be spent on the plain phrasing, which is what users type."""
+    def top_of(z: torch.Tensor) -> float:
+        return float(z.sort(descending=True).values[int(max_false_open * len(z))])
+
+    top = (top_of(neg_z) if strata is None
+           else max(top_of(neg_z[strata == s]) for s in strata.unique()))
     above = pos_z[pos_z > top]
     if len(above) == 0:
         return top + 1e-6, 0.0, 0.0
@@ -108,12 +113,15 @@ def _threshold(pos_z: torch.Tensor, neg_z: torch.Tensor,
 def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
              max_false_open: float = 0.0, pool: str = "last", folds: int = 4,
              seed: int = 0, ordinary: torch.Tensor | None = None,
-             groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> GateFit:
+             groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+             strata: torch.Tensor | None = None) -> GateFit:
     """Fit a topic gate from [n, L, d] topic (`pos`) and other (`neg`) activations, where
     axis 1 indexes `layers` (model layer numbers) and the features were read as `pool`
     says (see `pool_position`). `ordinary` [n_neg] bool marks everyday negatives that may
     secretly be on the topic (see the module notes). `groups` (topic, other) gives each row
-    its prompt's id when rows are one prompt in several phrasings: folds keep them together."""
+    its prompt's id when rows are one prompt in several phrasings: folds keep them together.
+    `strata` [n_neg] gives each other row its phrasing: the false-open share then holds in
+    each phrasing, not only pooled over them."""
     if pos.shape[0] < folds or neg.shape[0] < folds:
         raise UserError(f"a topic gate needs at least {folds} topic and {folds} other prompts "
                         f"(got {pos.shape[0]} and {neg.shape[0]})")
@@ -137,7 +145,8 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
             drop = (ordinary & (nz >= pz.median()) if ordinary is not None
                      else torch.zeros(len(nz), dtype=torch.bool))
             kept = nz[~drop]
-            t, recall, margin = _threshold(pz, kept, max_false_open)
+            t, recall, margin = _threshold(pz, kept, max_false_open,
+                                           None if strata is None else strata[~drop])
             key = (recall, margin)
             row = {"layer": layer, "shrink": shrink, "recall": recall, "margin_z": margin,
                    "auc": auc(pz, kept), "threshold_z": t,

@@ -155,7 +155,8 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
     ordinary = torch.tensor([p in everyday for p in texts], dtype=torch.bool).repeat(k)
     groups = (torch.arange(n_pos).repeat(k), torch.arange(n_neg).repeat(k)) if k > 1 else None
     fit = fit_gate(pos, neg, layers, max_false_open=search.gate_false_open, pool=pool,
-                   seed=seed, ordinary=ordinary, groups=groups)
+                   seed=seed, ordinary=ordinary, groups=groups,
+                   strata=torch.arange(k).repeat_interleave(n_neg) if k > 1 else None)
     dropped = sorted({i % n_neg for i in fit.dropped})
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
