@@ -178,6 +178,13 @@ def test_the_pipeline_runs_end_to_end_and_resumes(tiny_run, tmp_path: Path) -> N
     front_csv = (out / "tables" / "front.csv").read_text().splitlines()[0]
     assert "heldout_useful" in front_csv and "heldout_perplexity" in front_csv
     timings = json.loads((out / "timings.json").read_text())
+    # the search stage's time covers its trials (it once recorded only the records' copy)
+    import optuna
+
+    study = optuna.load_study(study_name="abliterate",
+                              storage=f"sqlite:///{out / 'study.sqlite'}")
+    spent = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials)
+    assert timings["search"] >= spent > 0
     before = (out / "metrics.json").read_bytes()
     run_abliterate(cfg, out, lm=lm, resume=True, show_progress=False)
     assert json.loads((out / "timings.json").read_text()) == timings  # nothing recomputed
@@ -368,3 +375,52 @@ def test_the_strongest_trial_near_the_budget_is_measured_held_out() -> None:
     assert {6, 2} <= set(picks) and 9 not in picks  # 9 is past 2 x kl_max
     assert [r["number"] for r in heldout_picks(front, auto, 0.1, 1)] == [6]
     assert len(heldout_picks(front, auto, 0.1, 20)) == 7
+
+
+def test_the_bracket_aims_between_the_nearest_trials_either_side_of_the_budget() -> None:
+    """With KL = 0.1 w², √KL is linear in w, so the secant in √KL lands exactly on the
+    target; it never pairs two scopes, and stops once a trial lies in the band."""
+    from refusalkit.abliterate.search import bracket_params
+
+    def p(w: float, scope: str = "global") -> dict:
+        return {"scope": scope, "w": w, "pos": 10.0 + w}
+
+    done = [(p(0.2), 0.004), (p(0.5), 0.025), (p(1.2), 0.144), (p(1.5), 0.225),
+            (p(0.9, "per_layer"), 0.081 * 0.5)]
+    point = bracket_params(done, 0.09)
+    assert point is not None and point["scope"] == "global"
+    assert point["w"] == pytest.approx(0.09 ** 0.5 / 0.1 ** 0.5, rel=1e-9)  # from 0.5 and 1.2
+    assert point["pos"] == pytest.approx(10.0 + point["w"], rel=1e-9)  # every param on the line
+    assert bracket_params(done + [(p(0.95), 0.0903)], 0.09) is None  # already in the band
+    assert bracket_params([(p(0.9, "per_layer"), 0.04), (p(1.2), 0.144)], 0.09) is None
+    assert bracket_params([(p(0.2), 0.004), (p(0.5), 0.025)], 0.09) is None  # nothing above
+
+
+def test_the_search_spends_its_bracket_trials_after_the_seeds_within_the_trial_count(
+        tmp_path: Path) -> None:
+    """Seeds at the two ends of the weight range (KL 0.064 and 0.225 under a fake scorer
+    whose KL is 0.1 × attn weight²); the next trial is the bracket, lands on 0.9 × kl_max,
+    and no further bracket trial is spent; the study still holds exactly `trials` trials,
+    also after a resume asks for more."""
+    from refusalkit.abliterate.config import AbliterateSearch
+    from refusalkit.abliterate.search import TrialScore, components, run_search, seed_params
+
+    lm = build_tiny("llama")
+    space = AbliterateSearch(startup=3, scopes=["global"])
+    comps = components(lm)
+    seeds = seed_params([1], space, lm.n_layers, comps)[:1]
+    seeds = [{**seeds[0], **{f"{c}.max_weight": w for c in comps}} for w in (0.8, 1.5)]
+
+    def evaluate(kernel: Kernel) -> TrialScore:
+        w = kernel.peaks["attn"].max_weight
+        return TrialScore(int(32 - 10 * w), 32, 0.1 * w * w, [])
+
+    storage = tmp_path / "study.sqlite"
+    kw = {"storage": storage, "seed": 0, "seeds": seeds, "evaluate": evaluate, "kl_max": 0.1}
+    study = run_search(lm, torch.zeros(lm.n_layers, lm.hidden_size), space, trials=5, **kw)
+    aimed = [t for t in study.trials if t.user_attrs.get("bracket")]
+    assert len(study.trials) == 5 and [t.number for t in aimed] == [2]
+    assert aimed[0].user_attrs["kl"] == pytest.approx(0.09, rel=1e-6)
+    study = run_search(lm, torch.zeros(lm.n_layers, lm.hidden_size), space, trials=7, **kw)
+    assert len(study.trials) == 7
+    assert sum(bool(t.user_attrs.get("bracket")) for t in study.trials) == 1

@@ -68,6 +68,12 @@ class AbliterateSearch(ConfigModel):
     """KL below this counts as no damage: the sampler sees floor × refusal fraction instead,
     so trials that do nothing stop looking like the best KL (Heretic's kl_divergence_target).
     Recorded KL, the front and the choice use the measured value."""
+    bracket: int = Field(3, ge=0)
+    """Trials (after the seeded ones, counted in `trials`) spent landing a kernel at the KL
+    budget: the secant in √KL between the nearest completed trials either side of
+    0.9 × kl_max. The seeds jump from gentle kernels to ones past the budget (on qwen 0.5B:
+    dev KL 0.015 then 0.105), and random and TPE trials rarely fill the gap, where the
+    strongest kernel a user may ship lies (bench/RESULTS.md)."""
     kl_prune: float = Field(1.0, gt=0)
     """A trial whose KL is above this is not generated or judged (it cannot be chosen)."""
 

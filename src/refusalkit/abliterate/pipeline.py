@@ -144,8 +144,9 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
                 f"'{lm.name}' refuses none of the {len(base)} dev harmful prompts "
                 f"({cfg.data.harmful_search}) by judge {cfg.judge.spec}; there is no refusal "
                 "to remove — check the model, the prompts or the judge")
-        study = _search(run, lm, cfg, splits, fit, judge, cache, on_trial)
-        records = run.stage("search", lambda: trial_records(study))
+        # the study runs inside the stage, so the run's timings count the search itself
+        records = run.stage("search", lambda: trial_records(
+            _search(run, lm, cfg, splits, fit, judge, cache, on_trial)))
         front = pareto_front(records)
         if not front:
             raise UserError(f"every one of the {len(records)} trials was pruned (KL above "
@@ -182,7 +183,7 @@ def _search(run: RunDir, lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,
                         lm.n_layers, components(lm)) if cfg.search.seeds else []
     return run_search(lm, directions, cfg.search, trials=cfg.search.trials,
                       storage=run.file("study.sqlite"), seed=cfg.seed, seeds=seeds,
-                      evaluate=evaluate, on_trial=on_trial)
+                      evaluate=evaluate, on_trial=on_trial, kl_max=cfg.kl_max)
 
 
 def make_measure(lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,

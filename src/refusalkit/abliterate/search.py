@@ -146,12 +146,36 @@ def sampled_kl(score: TrialScore, floor: float) -> float:
     return score.kl if score.kl >= floor else floor * score.refusals / max(1, score.n)
 
 
+def bracket_params(done: Sequence[tuple[dict[str, Any], float]], target: float
+                   ) -> dict[str, Any] | None:
+    """Parameters expected to land at KL `target`: between the completed trial with the
+    highest KL at or below it and the one with the lowest KL above it (same scope), at the
+    secant in √KL (KL grows about quadratically with a small weight change, so √KL is near
+    linear along the line). None when no such pair exists or a trial already lies within a
+    tenth of the budget of the target."""
+    if any(abs(kl - target) <= target / 9 for _, kl in done):
+        return None
+    above = [(p, kl) for p, kl in done if kl > target]
+    if not above:
+        return None
+    hi, kl_hi = min(above, key=lambda x: x[1])
+    below = [(p, kl) for p, kl in done if kl <= target and p.keys() == hi.keys()
+             and p.get("scope") == hi.get("scope")]
+    if not below:
+        return None
+    lo, kl_lo = max(below, key=lambda x: x[1])
+    t = (target ** 0.5 - kl_lo ** 0.5) / (kl_hi ** 0.5 - kl_lo ** 0.5)
+    return {k: v if isinstance(v, str) else v + t * (hi[k] - v) for k, v in lo.items()}
+
+
 def run_search(lm: LoadedModel, directions: torch.Tensor, space: AbliterateSearch, *,
                trials: int, storage: Path, seed: int, seeds: list[dict[str, Any]],
                evaluate: Callable[[Kernel], TrialScore | float],
-               on_trial: Callable[[int, dict[str, Any]], None] | None = None) -> optuna.Study:
+               on_trial: Callable[[int, dict[str, Any]], None] | None = None,
+               kl_max: float | None = None) -> optuna.Study:
     """Run (or resume) the study until it holds `trials` finished (complete or pruned)
-    trials; objectives are (refusals, KL), both minimised."""
+    trials; objectives are (refusals, KL), both minimised. Once the seeds are done, up to
+    `space.bracket` trials aim at 0.9 × `kl_max` (see `bracket_params`)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     comps = components(lm)
     sampler = optuna.samplers.TPESampler(
@@ -185,8 +209,17 @@ def run_search(lm: LoadedModel, directions: torch.Tensor, space: AbliterateSearc
         return float(result.refusals), sampled_kl(result, space.kl_floor)
 
     # A trial left RUNNING by a killed process is abandoned; it does not count.
-    if trials > len(done):
-        study.optimize(objective, n_trials=trials - len(done), catch=())
+    while len(done) < trials:
+        queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        aimed = sum(bool(t.user_attrs.get("bracket")) for t in study.trials)
+        if not queued and kl_max is not None and aimed < space.bracket:
+            scored = [(t.params, t.user_attrs["kl"]) for t in study.trials
+                      if t.state == optuna.trial.TrialState.COMPLETE]
+            point = bracket_params(scored, 0.9 * kl_max)
+            if point is not None:
+                study.enqueue_trial(point, user_attrs={"bracket": True})
+        study.optimize(objective, n_trials=1, catch=())
+        done = [t for t in study.trials if t.state in finished]
     return study
 
 
