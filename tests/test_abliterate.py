@@ -394,6 +394,10 @@ def test_the_bracket_aims_between_the_nearest_trials_either_side_of_the_budget()
     assert bracket_params(done + [(p(0.95), 0.0903)], 0.09) is None  # already in the band
     assert bracket_params([(p(0.9, "per_layer"), 0.04), (p(1.2), 0.144)], 0.09) is None
     assert bracket_params([(p(0.2), 0.004), (p(0.5), 0.025)], 0.09) is None  # nothing above
+    # the head-to-head's seeds (0.0145 and 0.1055 around 0.09): the secant says 0.88 of the
+    # way, which landed past the target; the clip keeps it to 0.8
+    clipped = bracket_params([(p(0.0), 0.0145), (p(1.0), 0.1055)], 0.09)
+    assert clipped is not None and clipped["w"] == pytest.approx(0.8, rel=1e-9)
 
 
 def test_the_search_spends_its_bracket_trials_after_the_seeds_within_the_trial_count(

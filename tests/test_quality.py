@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from refusalkit.evaluate import answer_nlls, response_nll
 from refusalkit.quality import assess, perplexities, rates
@@ -43,6 +44,16 @@ def test_per_answer_nlls_sum_to_the_total(tiny) -> None:
     assert total == pytest.approx(sum(x for x, _ in per), rel=1e-5)
     alone = answer_nlls(tiny, prompts[:1], answers[:1])[0]  # batching does not change it
     assert alone[0] == pytest.approx(per[0][0], rel=1e-4) and alone[1] == per[0][1]
+    for p, a, (nll, count) in zip(prompts, answers, per, strict=True):
+        if not a:
+            continue
+        ids_p = tiny.tokenizer(tiny.format(p), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ids_p + tiny.tokenizer(a, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():  # every position's logits, no padding: the reference
+            logp = tiny.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        ref = -logp[len(ids_p) - 1:].gather(-1, ids[0, len(ids_p):, None]).sum()
+        assert count == ids.shape[1] - len(ids_p)
+        assert nll == pytest.approx(float(ref), rel=1e-4), (p, a)
 
 
 @pytest.mark.real
