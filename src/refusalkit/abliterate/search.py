@@ -155,7 +155,7 @@ def bracket_params(done: Sequence[tuple[dict[str, Any], float]], target: float
     than that, the plain secant keeps landing on one side and creeps (the head-to-head's
     three aimed trials, aiming at 0.09: 0.102, 0.1004, 0.0989), and the clip shrinks the
     bracket by a fifth or more each step. None when no such pair exists or a trial already
-    lies within a tenth of the budget of the target."""
+    lies within target / 9 of it (a tenth of the budget, for the search's 0.9 × kl_max)."""
     if any(abs(kl - target) <= target / 9 for _, kl in done):
         return None
     above = [(p, kl) for p, kl in done if kl > target]
