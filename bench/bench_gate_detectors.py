@@ -33,17 +33,12 @@ def main() -> None:
     from refusalkit.prompts import load_prompts
     from refusalkit.steer.config import SteerConfig
     from refusalkit.steer.data import split_data
+    from refusalkit.steer.fit import gate_inputs
 
     cfg = SteerConfig.load(args.config, {})
     splits = split_data(cfg.data, cfg.seed)
     lm = load_model(cfg.model)
-    hi = max(1, min(lm.n_layers - 1, round(cfg.search.gate_max_layer * lm.n_layers)))
-    layers = list(range(1, hi + 1))
-    data = splits.named()
-    names = ["neutral", "safety_fit"] + (["gate_negatives"] if data["gate_negatives"] else [])
-    texts = [p for n in names for p in data[n]]
-    everyday = set(splits.neutral) | set(splits.gate_ordinary)
-    ordinary = torch.tensor([p in everyday for p in texts], dtype=torch.bool)
+    layers, _, texts, ordinary = gate_inputs(lm, splits, cfg.search)
     dev = load_prompts("builtin:china_requests_dev").prompts
 
     def read(prompts: list[str]) -> torch.Tensor:
@@ -51,7 +46,7 @@ def main() -> None:
                        show_progress=False)[:, :, 0].double()
 
     t0 = time.perf_counter()
-    pos, neg, dv = read(data["target_fit"]), read(texts), read(dev)
+    pos, neg, dv = read(splits.target_fit), read(texts), read(dev)
     print(f"read {len(pos)} topic, {len(neg)} other, {len(dv)} dev prompts in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     scale = neg.var(0).mean(-1).sqrt()  # [layers]: one scale per layer, from the negatives

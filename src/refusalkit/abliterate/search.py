@@ -188,7 +188,6 @@ def run_search(lm: LoadedModel, directions: torch.Tensor, space: AbliterateSearc
                                 load_if_exists=True, directions=["minimize", "minimize"],
                                 sampler=sampler)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = [t for t in study.trials if t.state in finished]
     if not study.trials:  # a fresh study: queue the informed points first
         for p in seeds[:trials]:
             study.enqueue_trial(p, skip_if_exists=True)
@@ -213,18 +212,19 @@ def run_search(lm: LoadedModel, directions: torch.Tensor, space: AbliterateSearc
         return float(result.refusals), sampled_kl(result, space.kl_floor)
 
     # A trial left RUNNING by a killed process is abandoned; it does not count.
-    while len(done) < trials:
-        queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-        aimed = sum(bool(t.user_attrs.get("bracket")) for t in study.trials)
+    while True:
+        now = study.get_trials(deepcopy=False)
+        if sum(t.state in finished for t in now) >= trials:
+            return study
+        queued = any(t.state == optuna.trial.TrialState.WAITING for t in now)
+        aimed = sum(bool(t.user_attrs.get("bracket")) for t in now)
         if not queued and kl_max is not None and aimed < space.bracket:
-            scored = [(t.params, t.user_attrs["kl"]) for t in study.trials
-                      if t.state == optuna.trial.TrialState.COMPLETE]
-            point = bracket_params(scored, 0.9 * kl_max)
+            point = bracket_params([(t.params, t.user_attrs["kl"]) for t in now
+                                    if t.state == optuna.trial.TrialState.COMPLETE],
+                                   0.9 * kl_max)
             if point is not None:
                 study.enqueue_trial(point, user_attrs={"bracket": True})
         study.optimize(objective, n_trials=1, catch=())
-        done = [t for t in study.trials if t.state in finished]
-    return study
 
 
 def trial_records(study: optuna.Study) -> list[dict[str, Any]]:

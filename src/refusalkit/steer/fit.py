@@ -121,13 +121,26 @@ def gate_of_record(rec: dict[str, Any] | None) -> Gate | None:
     return Gate(rec["layer"], torch.tensor(rec["vector"]), rec["threshold"], rec["pool"])
 
 
+def gate_inputs(lm: LoadedModel, splits: Splits, search: SearchConfig
+                ) -> tuple[list[int], list[str], list[str], torch.Tensor]:
+    """What a topic gate is fitted on: its candidate layers (1 to `gate_max_layer` of the
+    depth), the names of the sets on its other side, their prompts in that order, and which
+    of those are everyday prompts (the ones PU cleaning may set aside, see gates.py)."""
+    hi = max(1, min(lm.n_layers - 1, round(search.gate_max_layer * lm.n_layers)))
+    data = splits.named()
+    names = ["neutral", "safety_fit"] + (["gate_negatives"] if data["gate_negatives"] else [])
+    texts = [p for n in names for p in data[n]]
+    everyday = set(splits.neutral) | set(splits.gate_ordinary)
+    ordinary = torch.tensor([p in everyday for p in texts], dtype=torch.bool)
+    return list(range(1, hi + 1)), names, texts, ordinary
+
+
 def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
                     splits: Splits, search: SearchConfig, *, batch_size: int, seed: int,
                     show_progress: bool) -> dict[str, Any]:
     """A topic detector no deeper than `gate_max_layer`, fitted on the topic's fitting prompts
     against every other prompt the run fits on plus the gate negatives (see gates.py)."""
-    hi = max(1, min(lm.n_layers - 1, round(search.gate_max_layer * lm.n_layers)))
-    layers = list(range(1, hi + 1))
+    layers, names, texts, ordinary = gate_inputs(lm, splits, search)
     pool = search.gate_pool
 
     data = splits.named()
@@ -140,22 +153,18 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
             if tpl == "{prompt}" and pool == "last" and name in acts:
                 out.append(acts[name][:, layers])  # the activations stage read exactly this
                 continue
-            texts = [tpl.replace("{prompt}", p) for p in data[name]]
-            out.append(capture(lm, texts, layers, [pool_position(pool)],
+            wrapped = [tpl.replace("{prompt}", p) for p in data[name]]
+            out.append(capture(lm, wrapped, layers, [pool_position(pool)],
                                batch_size=batch_size, show_progress=show_progress)[:, :, 0])
         return torch.stack(out)
 
-    names = ["neutral", "safety_fit"] + (["gate_negatives"] if data["gate_negatives"] else [])
     # rows phrasing-major: row i is prompt i % n of its set, in phrasing i // n
     pos = read("target_fit").flatten(0, 1)
     neg = torch.cat([read(n) for n in names], dim=1).flatten(0, 1)
-    texts = [p for n in names for p in data[n]]
     n_pos, n_neg, k = len(data["target_fit"]), len(texts), len(phrasings)
-    everyday = set(splits.neutral) | set(splits.gate_ordinary)
-    ordinary = torch.tensor([p in everyday for p in texts], dtype=torch.bool).repeat(k)
     groups = (torch.arange(n_pos).repeat(k), torch.arange(n_neg).repeat(k)) if k > 1 else None
     fit = fit_gate(pos, neg, layers, max_false_open=search.gate_false_open, pool=pool,
-                   seed=seed, ordinary=ordinary, groups=groups,
+                   seed=seed, ordinary=ordinary.repeat(k), groups=groups,
                    strata=torch.arange(k).repeat_interleave(n_neg) if k > 1 else None)
     dropped = sorted({i % n_neg for i in fit.dropped})
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
