@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "steer_qwen.toml"))
     ap.add_argument("--set", dest="set_", action="append", default=[])
     ap.add_argument("--limit", type=int, default=200, help="prompts per other set")
+    ap.add_argument("--dev-only", action="store_true",
+                    help="measure the dev set only (while choosing how to fit the gate)")
     args = ap.parse_args()
 
     from refusalkit.config import parse_set
@@ -64,19 +66,22 @@ def main() -> None:
     if "deccp_censored" in cfg.data.target:
         measure("builtin:china_requests_dev (DEV)",
                 load_prompts("builtin:china_requests_dev").prompts, True)
-    measure("target_eval (deccp held out)", splits.target_eval, True)
-    for spec, ps in splits.target_extra.items():
+    if not args.dev_only:
+        measure("target_eval (deccp held out)", splits.target_eval, True)
+    for spec, ps in ([] if args.dev_only else splits.target_extra.items()):
         measure(spec, ps, True)
         for lang in ("en", "zh"):
             sub = [p for p in load_prompts(f"{spec}?lang={lang}").prompts if p in set(ps)]
             if sub:
                 measure(f"{spec} ({lang})", sub, True)
-    for spec in SETS:
+    # dev: ordinary prompts from the neutral source that no role used (training data)
+    for spec in (["harmless_train"] if args.dev_only else SETS):
         ps = [p for p in load_prompts(spec).prompts if p not in used][:args.limit]
         measure(f"{spec} (rows no role used)", ps, False)
     print(f"gate: layer {rec['layer']}, pool {rec['pool']}, out-of-fold recall "
           f"{rec['recall_oof']:.3f}, leak {rec['leak']:.4f}, fitted in {fit_s:.0f} s on "
-          f"{rec['n_topic']} topic vs {rec['n_other']} other prompts\n")
+          f"{rec['n_topic']} topic ({rec.get('n_topic_gate_only', 0)} of them for the gate only) "
+          f"vs {rec['n_other']} other prompts\n")
     print(md_table(["set", "n", "opened", "share", "kind"], rows))
 
 

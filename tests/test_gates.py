@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusalkit.activations import MEAN_ALL, capture
+from refusalkit.activations import MEAN_ALL, MEAN_USER, capture, template_lengths, user_mask
 from refusalkit.errors import UserError
 from refusalkit.evaluate import judge_prompts, perplexity_ratio
 from refusalkit.examiner import Decoding, Examiner
@@ -93,22 +93,24 @@ def test_fit_gate_needs_enough_prompts() -> None:
         fit_gate(pos, neg, [0, 1, 2])
 
 
-def _mean_gate(tiny, layer: int = 1) -> Gate:
+def _mean_gate(tiny, layer: int = 1, pool: str = "mean") -> Gate:
     """A mean-pooled gate that opens for the first half of PROMPTS."""
-    feats = capture(tiny, PROMPTS, [layer], [MEAN_ALL], show_progress=False)[:, 0, 0].double()
+    feats = capture(tiny, PROMPTS, [layer], [MEAN_ALL if pool == "mean" else MEAN_USER],
+                    show_progress=False)[:, 0, 0].double()
     half = len(PROMPTS) // 2
     v = feats[:half].mean(0) - feats[half:].mean(0)
     proj = feats @ (v / v.norm())
     t = float((proj[:half].min() + proj[half:].max()) / 2)
     if proj[:half].min() <= proj[half:].max():  # random tiny model: open on what projects high
         t = float(proj.median())
-    return Gate(layer, v.float(), t, "mean")
+    return Gate(layer, v.float(), t, pool)  # type: ignore[arg-type]
 
 
-def test_mean_gate_hook_decides_like_gate_open_despite_padding(tiny) -> None:
+@pytest.mark.parametrize("pool", ["mean", "user"])
+def test_mean_gate_hook_decides_like_gate_open_despite_padding(tiny, pool: str) -> None:
     """The hook (left-padded batch, attention mask from the model call) and `gate_open`
     (capture's masked mean) take the same decision for every prompt."""
-    gate = _mean_gate(tiny)
+    gate = _mean_gate(tiny, pool=pool)
     expected = gate_open(tiny, gate, PROMPTS, batch_size=len(PROMPTS))
     assert 0 < int(expected.sum()) < len(PROMPTS)
     one_by_one = torch.cat([gate_open(tiny, gate, [p], batch_size=1) for p in PROMPTS])
@@ -119,6 +121,37 @@ def test_mean_gate_hook_decides_like_gate_open_despite_padding(tiny) -> None:
     steered = last_logprobs(tiny, PROMPTS, profile=gated, batch_size=len(PROMPTS))
     changed = (steered - base).abs().amax(-1) > 1e-5
     assert torch.equal(changed, expected)
+
+
+def test_user_mask_keeps_the_users_tokens_on_either_padding_side() -> None:
+    left = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+    right = left.flip(1)
+    want_left = torch.tensor([[0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0]])
+    assert torch.equal(user_mask(left, 2, 2), want_left)
+    assert torch.equal(user_mask(right, 2, 2), torch.tensor([[0, 0, 1, 1, 0, 0, 0, 0],
+                                                             [0, 0, 1, 1, 1, 1, 0, 0]]))
+    # nothing between the template's two parts: read the whole prompt, not an empty mean
+    assert torch.equal(user_mask(left, 3, 3), torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1],
+                                                            [0, 0, 0, 1, 1, 0, 0, 0]]))
+    assert torch.equal(user_mask(left[:1], 4, 4), left[:1])
+
+
+def test_user_pooling_reads_the_users_words_and_nothing_else(tiny) -> None:
+    """MEAN_USER is the mean of the states over exactly the user's tokens: a different system
+    prompt around the same words moves the whole-prompt mean but not the user-token mean at
+    the embedding (layer 0 input), where no token sees another."""
+    before, after = template_lengths(tiny)
+    text = tiny.format("tell me about the weather please")
+    ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tiny.tokenizer.decode(ids[before:len(ids) - after]).split() == \
+        "tell me about the weather please".split()
+    emb = tiny.model.get_input_embeddings().weight.detach()[ids[before:len(ids) - after]]
+    got = capture(tiny, ["tell me about the weather please"], [0], [MEAN_USER],
+                  show_progress=False)[0, 0, 0]
+    assert torch.allclose(got, emb.mean(0), rtol=1e-4, atol=1e-6 * float(emb.abs().max()))
+    whole = capture(tiny, ["tell me about the weather please"], [0], [MEAN_ALL],
+                    show_progress=False)[0, 0, 0]
+    assert not torch.allclose(whole, got, rtol=1e-3)
 
 
 def test_gated_judging_reuses_unsteered_answers_exactly(tiny) -> None:
@@ -244,3 +277,80 @@ def test_the_steer_gate_fits_on_phrasings_and_reports_prompts_not_copies(tiny) -
     everyday = set(splits.neutral) | set(splits.gate_ordinary)
     assert set(rec["dropped_ordinary"]) <= everyday
     assert rec["vector"] != plain["vector"]  # the wrapped copies took part in the fit
+
+
+def test_gate_topic_prompts_join_the_gates_topic_side_only(tiny) -> None:
+    """data.gate_topic widens the gate's topic side (requests where the target asks
+    questions) without entering any other role: the record counts them, and a prompt some
+    role already uses is not read twice."""
+    from refusalkit.prompts import load_prompts
+    from refusalkit.steer.config import SteerConfig
+    from refusalkit.steer.data import split_data
+    from refusalkit.steer.fit import fit_topic_gate
+
+    repo = Path(__file__).resolve().parents[1]
+    base = SteerConfig.load(repo / "configs" / "tiny_steer.toml", {"data.n_gate": 24})
+    extra = load_prompts("builtin:china_requests_fit").prompts
+    cfg = SteerConfig.load(repo / "configs" / "tiny_steer.toml", {
+        "data.n_gate": 24,
+        "data.gate_topic": ["builtin:china_requests_fit", base.data.safety_fit]})
+    plain_splits, splits = split_data(base.data, base.seed), split_data(cfg.data, cfg.seed)
+    assert not plain_splits.gate_topic and len(extra) >= 100
+    others = {p for role, ps in splits.named().items() if role != "gate_topic" for p in ps}
+    assert set(extra) <= set(splits.gate_topic)  # the whole set, in the topic side
+    assert not others & set(splits.gate_topic)  # safety_fit's own rows stay where they are
+    assert len(splits.gate_topic) == len(set(splits.gate_topic))
+    plain = fit_topic_gate(tiny, {}, plain_splits, base.search, batch_size=8, seed=0,
+                           show_progress=False)
+    rec = fit_topic_gate(tiny, {}, splits, cfg.search, batch_size=8, seed=0,
+                         show_progress=False)
+    assert rec["n_topic"] == len(splits.target_fit) + len(splits.gate_topic)
+    assert rec["n_topic_gate_only"] == len(splits.gate_topic)
+    assert plain["n_topic_gate_only"] == 0 and rec["vector"] != plain["vector"]
+
+
+def test_the_layer_must_hold_on_every_topic_source_not_only_pooled() -> None:
+    """Questions (70) read perfectly at layer slot 0 and fairly at slot 1; requests (10) read
+    only at slot 1. Pooled recall prefers slot 0 (0.875, every request missed); with the
+    sources named the gate takes slot 1, where neither source is lost."""
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(80, 2, 16, generator=g), torch.randn(300, 2, 16, generator=g)
+    pos[:70, 0, 0] += 8.0
+    pos[:70, 1, 0] += 4.0
+    pos[70:, 1, 0] += 8.0
+    source = torch.tensor([0] * 70 + [1] * 10)
+    pooled = fit_gate(pos, neg, [3, 4], max_false_open=0.0)
+    held = fit_gate(pos, neg, [3, 4], max_false_open=0.0, pos_strata=source)
+    assert pooled.gate.layer == 3 and pooled.recall_by == (pooled.recall,)
+    assert held.gate.layer == 4
+    slot0 = next(r for r in held.table if r["layer"] == 3)
+    assert slot0["recall_by"][1] < 0.2 and slot0["recall"] > held.recall
+    assert min(held.recall_by) > 0.5
+
+
+@pytest.mark.real
+def test_a_user_pooled_gate_on_qwen_reads_the_question_and_steers_what_it_opens(qwen) -> None:
+    """On qwen2.5-coder-0.5b (24-token system prompt and template): the user span is the
+    user's text, and a user-pooled topic gate fitted on a few deccp questions opens for
+    held-out ones, shuts for ordinary prompts, and its hook in a padded batch steers exactly
+    the prompts `gate_open` says."""
+    from refusalkit.prompts import load_prompts
+
+    before, after = template_lengths(qwen)
+    assert before > 10  # the system prompt is part of every formatted prompt
+    ids = qwen.tokenizer(qwen.format("What happened in 1989?"),
+                         add_special_tokens=False)["input_ids"]
+    assert qwen.tokenizer.decode(ids[before:len(ids) - after]) == "What happened in 1989?"
+    topic = load_prompts("deccp_censored").take(56, seed=0).prompts
+    other = load_prompts("harmless_train").take(136, seed=0).prompts
+    layers = [2, 4, 6]
+    feats = capture(qwen, topic[:40] + other[:120], layers, [MEAN_USER],
+                    show_progress=False)[:, :, 0]
+    fit = fit_gate(feats[:40], feats[40:], layers, pool="user", max_false_open=0.01)
+    test = topic[40:] + other[120:]
+    opened = gate_open(qwen, fit.gate, test, batch_size=8)
+    assert opened[:16].double().mean() >= 0.6 and opened[16:].double().mean() <= 0.15
+    steered = last_logprobs(qwen, test, profile=Profile((addition(
+        {6: torch.randn(qwen.hidden_size) * 20}, 1.0, gate=fit.gate),)), batch_size=8)
+    changed = (steered - last_logprobs(qwen, test, batch_size=8)).abs().amax(-1) > 1e-3
+    assert torch.equal(changed, opened)

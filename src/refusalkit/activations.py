@@ -25,6 +25,7 @@ from refusalkit.runs import umask_mode
 
 MEAN_POST = "mean_post"  # mean over the post-instruction template tokens
 MEAN_ALL = "mean_all"  # mean over every (non-padding) token of the formatted prompt
+MEAN_USER = "mean_user"  # mean over the user's own tokens (template and system prompt left out)
 Position = int | str
 
 
@@ -41,16 +42,37 @@ def post_instruction_length(lm: LoadedModel) -> int:
     return max(1, len(lm.tokenizer(suffix, add_special_tokens=False)["input_ids"]))
 
 
+def template_lengths(lm: LoadedModel) -> tuple[int, int]:
+    """(tokens before, tokens after) the user's text in the formatted prompt: the system
+    prompt and template a user-token mean leaves out."""
+    marker = "XQZ_MARKER_QZX"
+    before, after = lm.format(marker).split(marker, 1)
+    n = len(lm.tokenizer(before, add_special_tokens=False)["input_ids"])
+    return n, post_instruction_length(lm) if after else 0
+
+
+def user_mask(mask: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """[batch, seq] mask of the user's tokens from the attention mask (either padding side):
+    the non-padding tokens past the first `before` and short of the last `after`. A prompt
+    with no user token keeps all its tokens (nothing else to read)."""
+    m = mask.to(torch.long)
+    seen = m.cumsum(1)
+    total = m.sum(1, keepdim=True)
+    keep = (m > 0) & (seen > before) & (seen <= total - after)
+    empty = ~keep.any(1, keepdim=True)
+    return torch.where(empty, m > 0, keep).to(mask.dtype)
+
+
 def _validate_positions(lm: LoadedModel, positions: Sequence[Position]) -> None:
     n_post = post_instruction_length(lm)
     for p in positions:
-        if p in (MEAN_POST, MEAN_ALL):
+        if p in (MEAN_POST, MEAN_ALL, MEAN_USER):
             continue
         if not isinstance(p, int) or p >= 0:
             raise UserError(
                 f"position {p!r} is not supported; use a negative offset from the end of the "
                 f"prompt (-1 = last prompt token, -{n_post}..-1 are template tokens), "
-                f"'{MEAN_POST}' or '{MEAN_ALL}'"
+                f"'{MEAN_POST}', '{MEAN_ALL}' or '{MEAN_USER}'"
             )
 
 
@@ -110,7 +132,8 @@ def capture(
     slot = {layer: i for i, layer in enumerate(layers)}
     current: dict[int, torch.Tensor] = {}
     pad_mask: dict[str, torch.Tensor] = {}
-    select = _selector(positions, post_instruction_length(lm), pad_mask)
+    select = _selector(positions, post_instruction_length(lm), pad_mask,
+                       template_lengths(lm) if MEAN_USER in positions else (0, 0))
     with _stop_after(lm, layers, select, current), \
             bar("activations", len(texts), show_progress) as progress, torch.inference_mode():
         for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
@@ -131,7 +154,8 @@ def capture(
 
 
 def _selector(positions: Sequence[Position], n_post: int,
-              pad_mask: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+              pad_mask: dict[str, torch.Tensor], template: tuple[int, int] = (0, 0)
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
     """[batch, seq, d] states -> [batch, len(positions), d] float32 at the positions."""
     def select(h: torch.Tensor) -> torch.Tensor:
         cols = []
@@ -140,6 +164,8 @@ def _selector(positions: Sequence[Position], n_post: int,
                 cols.append(h[:, -n_post:].float().mean(dim=1))
             elif p == MEAN_ALL:
                 cols.append(masked_mean(h, pad_mask["mask"]))
+            elif p == MEAN_USER:
+                cols.append(masked_mean(h, user_mask(pad_mask["mask"], *template)))
             else:
                 cols.append(h[:, p].float())
         return torch.stack(cols, dim=1)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from refusalkit.activations import MEAN_ALL, capture
+from refusalkit.activations import MEAN_ALL, MEAN_USER, capture
 from refusalkit.directions import rmd
 from refusalkit.errors import UserError
 from refusalkit.geometry import auc
@@ -60,6 +60,7 @@ class GateFit:
     shrink: float  # ridge λ in units of the negatives' mean coordinate variance
     table: list[dict[str, float]]  # one row per candidate layer (best shrink)
     dropped: tuple[int, ...] = ()  # ordinary negatives taken for unlabelled topic prompts
+    recall_by: tuple[float, ...] = ()  # out-of-fold recall per topic stratum (pos_strata)
 
 
 def _folds(n: int, k: int, gen: torch.Generator,
@@ -114,14 +115,18 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
              max_false_open: float = 0.0, pool: str = "last", folds: int = 4,
              seed: int = 0, ordinary: torch.Tensor | None = None,
              groups: tuple[torch.Tensor, torch.Tensor] | None = None,
-             strata: torch.Tensor | None = None) -> GateFit:
+             strata: torch.Tensor | None = None,
+             pos_strata: torch.Tensor | None = None) -> GateFit:
     """Fit a topic gate from [n, L, d] topic (`pos`) and other (`neg`) activations, where
     axis 1 indexes `layers` (model layer numbers) and the features were read as `pool`
     says (see `pool_position`). `ordinary` [n_neg] bool marks everyday negatives that may
     secretly be on the topic (see the module notes). `groups` (topic, other) gives each row
     its prompt's id when rows are one prompt in several phrasings: folds keep them together.
     `strata` [n_neg] gives each other row its phrasing: the false-open share then holds in
-    each phrasing, not only pooled over them."""
+    each phrasing, not only pooled over them. `pos_strata` [n_pos] gives each topic row its
+    source (e.g. the target's questions, requests written for the gate): the layer is then
+    chosen by its worst source's recall, so a gate that reads one phrasing well cannot win
+    by the other's numbers."""
     if pos.shape[0] < folds or neg.shape[0] < folds:
         raise UserError(f"a topic gate needs at least {folds} topic and {folds} other prompts "
                         f"(got {pos.shape[0]} and {neg.shape[0]})")
@@ -147,8 +152,11 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
             kept = nz[~drop]
             t, recall, margin = _threshold(pz, kept, max_false_open,
                                            None if strata is None else strata[~drop])
-            key = (recall, margin)
+            by = (tuple(float((pz[pos_strata == k] > t).double().mean())
+                        for k in pos_strata.unique()) if pos_strata is not None else (recall,))
+            key = (min(by), recall, margin)
             row = {"layer": layer, "shrink": shrink, "recall": recall, "margin_z": margin,
+                   "recall_by": list(by),
                    "auc": auc(pz, kept), "threshold_z": t,
                    "leak": wilson_upper(int((kept > t).sum()), len(kept)),
                    "dropped": int(drop.sum())}
@@ -163,12 +171,12 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     v, mu, sd = _fit(pos[:, slot], neg[:, slot], row["shrink"])  # as in the folds: same scale
     gate = Gate(int(row["layer"]), v, mu + row["threshold_z"] * sd, pool)  # type: ignore[arg-type]
     return GateFit(gate, row["recall"], row["margin_z"], row["leak"], row["shrink"], table,
-                   tuple(torch.nonzero(drop).flatten().tolist()))
+                   tuple(torch.nonzero(drop).flatten().tolist()), tuple(row["recall_by"]))
 
 
 def pool_position(pool: str) -> int | str:
     """The `capture` position that reads what a gate with this pooling reads."""
-    return MEAN_ALL if pool == "mean" else -1
+    return {"mean": MEAN_ALL, "user": MEAN_USER}.get(pool, -1)
 
 
 def gate_open(lm: LoadedModel, gate: Gate, prompts: Sequence[str], *,

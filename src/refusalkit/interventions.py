@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from refusalkit.activations import masked_mean
+from refusalkit.activations import masked_mean, template_lengths, user_mask
 from refusalkit.artifacts import (
     PROFILE_FORMAT,
     model_record,
@@ -45,8 +45,10 @@ Phase = Literal["prompt", "generation", "both"]
 class Gate:
     """Conditional steering (IBM CAST-style): steer a sequence only when its prompt's
     projection on `vector` at the input of `layer` exceeds `threshold` — the last prompt
-    token's state, or (pool "mean") the mean state over the whole prompt, which reads the
-    topic far better at early layers (measured on qwen2.5-coder-0.5b, see gates.py).
+    token's state, (pool "mean") the mean state over the whole formatted prompt, which reads
+    the topic far better at early layers (measured on qwen2.5-coder-0.5b, see gates.py), or
+    (pool "user") the mean over the user's own tokens, leaving out the system prompt and
+    chat template, which otherwise make up most of a short prompt's mean.
 
     The decision is taken once per sequence in the prompt pass and kept for generation, so a
     topic detector can switch a behaviour vector on for one topic and leave others alone.
@@ -55,11 +57,11 @@ class Gate:
     layer: int
     vector: torch.Tensor
     threshold: float
-    pool: Literal["last", "mean"] = "last"  # last prompt token, or mean over the prompt
+    pool: Literal["last", "mean", "user"] = "last"  # last token, mean over prompt / user text
 
     def __post_init__(self) -> None:
-        if self.pool not in ("last", "mean"):
-            raise UserError(f"unknown gate pooling '{self.pool}'; use last or mean")
+        if self.pool not in ("last", "mean", "user"):
+            raise UserError(f"unknown gate pooling '{self.pool}'; use last, mean or user")
 
     def decide(self, features: torch.Tensor) -> torch.Tensor:
         """Open (True) per row of pooled prompt states [n, d]: the one rule the hook and the
@@ -183,18 +185,22 @@ def _attach_gate(lm: LoadedModel, op: Op, handles: list[Any]) -> dict[str, torch
         # the model's own [batch, seq] attention mask, so a mean skips left padding
         state["attention"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
+    template = template_lengths(lm) if gate.pool == "user" else (0, 0)
+
     def decide(_m: Any, args: tuple, kwargs: dict) -> None:
         h = args[0] if args else kwargs["hidden_states"]
         if h.shape[1] > 1 or "mask" not in state or len(state["mask"]) != h.shape[0]:
-            if gate.pool == "mean":
-                attn = state.get("attention")
-                ok = isinstance(attn, torch.Tensor) and attn.ndim == 2
-                feat = masked_mean(h, attn if ok else None)
-            else:
+            if gate.pool == "last":
                 feat = h[:, -1]
+            else:
+                attn = state.get("attention")
+                if not (isinstance(attn, torch.Tensor) and attn.ndim == 2):
+                    attn = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
+                feat = masked_mean(h, user_mask(attn, *template) if gate.pool == "user"
+                                   else attn)
             state["mask"] = gate.decide(feat).to(h.dtype)[:, None, None]
 
-    if gate.pool == "mean":
+    if gate.pool != "last":
         handles.append(lm.model.register_forward_pre_hook(padding, with_kwargs=True))
     handles.append(lm.arch.layers[gate.layer].register_forward_pre_hook(decide, with_kwargs=True))
     return state

@@ -29,6 +29,11 @@ class DataConfig(ConfigModel):
     requests and instructions in English and Chinese). Never fitted, searched or chosen on;
     refusal, useful-answer rate and the gate's recall are reported on each (at most
     max_target prompts each)."""
+    gate_topic: list[str] = []
+    """More prompts on the topic for the gate's topic side only, in phrasings the target sets
+    lack (e.g. builtin:china_requests_fit: requests and instructions where deccp asks
+    questions). Not used for directions, the search or evaluation; a gate fitted on the
+    target's questions alone reads "a question about X", not "X"."""
     n_fit: int = Field(32, ge=4)
     """Prompts drawn from each of safety_fit and neutral for fitting."""
     n_proxy: int = Field(16, ge=2)
@@ -97,9 +102,9 @@ class SearchConfig(ConfigModel):
     gate_max_layer: float = Field(0.45, gt=0, lt=1)
     """Deepest layer the gate may read, as a fraction of depth; gated trials steer only at
     and after the gate's layer."""
-    gate_pool: Literal["mean", "last"] = "mean"
-    """What the gate reads: the mean state over the prompt (reads the topic best) or the last
-    prompt token."""
+    gate_pool: Literal["mean", "user", "last"] = "mean"
+    """What the gate reads: the mean state over the formatted prompt, the mean over the
+    user's own tokens (no system prompt or template), or the last prompt token."""
     gate_false_open: float = Field(0.0, ge=0, lt=0.5)
     """Share of other-topic prompts (out of fold) the gate may open for: higher opens on more
     of the topic, and steers more prompts it should leave alone."""

@@ -30,6 +30,7 @@ class Splits:
     target_extra: dict[str, list[str]] = field(default_factory=dict)  # spec -> prompts
     # gate negatives read from the everyday (neutral) source: unlabelled, may be on the topic
     gate_ordinary: list[str] = field(default_factory=list)
+    gate_topic: list[str] = field(default_factory=list)  # more topic prompts, gate only
 
     def named(self) -> dict[str, list[str]]:
         """Every set by its name (over-refusal sets as overrefusal:SPEC), as run records
@@ -39,6 +40,7 @@ class Splits:
             "safety_eval", "harmless_eval", "kl_eval")}
         out.update({f"overrefusal:{spec}": ps for spec, ps in self.overrefusal.items()})
         out["gate_negatives"] = self.gate_negatives
+        out["gate_topic"] = self.gate_topic
         out.update({f"target_extra:{spec}": ps for spec, ps in self.target_extra.items()})
         return out
 
@@ -78,9 +80,12 @@ def split_data(d: DataConfig, seed: int) -> Splits:
              "overrefusal": [(spec, d.n_eval) for spec in d.overrefusal]}
     sources = [src for name in d.gate_sources for src in roles.get(name, [(name, 0)])]
     taken = {p for ps in [*out.values(), *over.values(), *extra.values()] for p in ps}
+    topic = list(dict.fromkeys(p for spec in d.gate_topic for p in load_prompts(spec).prompts
+                               if p not in taken))
+    taken |= set(topic)
     read = {(spec, offset): load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
             for spec, offset in sources}
     negatives = list(dict.fromkeys(p for ps in read.values() for p in ps if p not in taken))
     ordinary = set(read.get(roles["neutral"][0], ()))
     return Splits(**out, overrefusal=over, gate_negatives=negatives, target_extra=extra,
-                  gate_ordinary=[p for p in negatives if p in ordinary])
+                  gate_ordinary=[p for p in negatives if p in ordinary], gate_topic=topic)

@@ -139,7 +139,8 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
                     splits: Splits, search: SearchConfig, *, batch_size: int, seed: int,
                     show_progress: bool) -> dict[str, Any]:
     """A topic detector no deeper than `gate_max_layer`, fitted on the topic's fitting prompts
-    against every other prompt the run fits on plus the gate negatives (see gates.py)."""
+    (and data.gate_topic's) against every other prompt the run fits on plus the gate
+    negatives (see gates.py)."""
     layers, names, texts, ordinary = gate_inputs(lm, splits, search)
     pool = search.gate_pool
 
@@ -159,17 +160,22 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
         return torch.stack(out)
 
     # rows phrasing-major: row i is prompt i % n of its set, in phrasing i // n
-    pos = read("target_fit").flatten(0, 1)
+    topic = ["target_fit"] + (["gate_topic"] if data["gate_topic"] else [])
+    pos = torch.cat([read(n) for n in topic], dim=1).flatten(0, 1)
     neg = torch.cat([read(n) for n in names], dim=1).flatten(0, 1)
-    n_pos, n_neg, k = len(data["target_fit"]), len(texts), len(phrasings)
+    n_pos, n_neg, k = sum(len(data[n]) for n in topic), len(texts), len(phrasings)
+    # each topic row's source (phrasing-major like pos), so the layer must hold on each
+    source = torch.cat([torch.full((len(data[n]),), i) for i, n in enumerate(topic)])
     groups = (torch.arange(n_pos).repeat(k), torch.arange(n_neg).repeat(k)) if k > 1 else None
     fit = fit_gate(pos, neg, layers, max_false_open=search.gate_false_open, pool=pool,
                    seed=seed, ordinary=ordinary.repeat(k), groups=groups,
-                   strata=torch.arange(k).repeat_interleave(n_neg) if k > 1 else None)
+                   strata=torch.arange(k).repeat_interleave(n_neg) if k > 1 else None,
+                   pos_strata=source.repeat(k) if len(topic) > 1 else None)
     dropped = sorted({i % n_neg for i in fit.dropped})
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
             "margin_z": fit.margin_z, "shrink": fit.shrink,
-            "n_topic": n_pos, "n_other": n_neg,
+            "recall_oof_by_set": dict(zip(topic, fit.recall_by, strict=True)),
+            "n_topic": n_pos, "n_other": n_neg, "n_topic_gate_only": len(data["gate_topic"]),
             "dropped_ordinary": [texts[i] for i in dropped], "layers": fit.table,
             **({"phrasings": search.gate_phrasings} if search.gate_phrasings else {})}
