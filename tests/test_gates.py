@@ -286,7 +286,7 @@ def test_gate_topic_prompts_join_the_gates_topic_side_only(tiny) -> None:
     from refusalkit.prompts import load_prompts
     from refusalkit.steer.config import SteerConfig
     from refusalkit.steer.data import split_data
-    from refusalkit.steer.fit import fit_topic_gate
+    from refusalkit.steer.fit import fit_topic_gate, gate_of_record
 
     repo = Path(__file__).resolve().parents[1]
     base = SteerConfig.load(repo / "configs" / "tiny_steer.toml", {"data.n_gate": 24})
@@ -307,6 +307,13 @@ def test_gate_topic_prompts_join_the_gates_topic_side_only(tiny) -> None:
     assert rec["n_topic"] == len(splits.target_fit) + len(splits.gate_topic)
     assert rec["n_topic_gate_only"] == len(splits.gate_topic)
     assert plain["n_topic_gate_only"] == 0 and rec["vector"] != plain["vector"]
+    assert rec["detectors"] == plain["detectors"] == 1
+    assert set(rec["recall_oof_by_set"]) == {"target_fit", "gate_topic"}
+    pair = fit_topic_gate(tiny, {}, splits, cfg.search.model_copy(
+        update={"gate_per_source": True}), batch_size=8, seed=0, show_progress=False)
+    gate = gate_of_record(pair)
+    assert pair["detectors"] == 2 and gate is not None and gate.vector.shape[0] == 2
+    assert len(gate_open(tiny, gate, splits.target_fit)) == len(splits.target_fit)
 
 
 def test_the_layer_must_hold_on_every_topic_source_not_only_pooled() -> None:
@@ -354,3 +361,54 @@ def test_a_user_pooled_gate_on_qwen_reads_the_question_and_steers_what_it_opens(
         {6: torch.randn(qwen.hidden_size) * 20}, 1.0, gate=fit.gate),)), batch_size=8)
     changed = (steered - last_logprobs(qwen, test, batch_size=8)).abs().amax(-1) > 1e-3
     assert torch.equal(changed, opened)
+
+
+def test_per_source_detectors_cover_sources_one_direction_cannot() -> None:
+    """Questions read along one axis, requests along another: one direction between them
+    reads each at 1/√2 of its strength; a detector per source reads each fully, and one
+    threshold on the higher standardised score keeps the pair's false opens in budget."""
+    def draw(n_pos: int, n_neg: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        pos, neg = torch.randn(n_pos, 1, 16, generator=g), torch.randn(n_neg, 1, 16, generator=g)
+        pos[: n_pos // 2, 0, 0] += 4.5
+        pos[n_pos // 2:, 0, 1] += 4.5
+        return pos, neg, torch.arange(n_pos) >= n_pos // 2
+
+    pos, neg, source = draw(120, 400, 0)
+    one = fit_gate(pos, neg, [2], max_false_open=0.005, pos_strata=source.long())
+    two = fit_gate(pos, neg, [2], max_false_open=0.005, pos_strata=source.long(),
+                   per_source=True)
+    assert one.gate.vector.ndim == 1 and two.gate.vector.shape == (2, 16)
+    assert len(two.gate.thresholds) == 2
+    assert two.recall > one.recall + 0.15 and min(two.recall_by) > 0.6
+    test_pos, test_neg, _ = draw(400, 4000, 1)
+    assert float(two.gate.decide(test_neg[:, 0]).double().mean()) < 0.02
+    assert float(two.gate.decide(test_pos[:, 0]).double().mean()) > \
+        float(one.gate.decide(test_pos[:, 0]).double().mean()) + 0.15
+    with pytest.raises(UserError, match="one threshold per detector"):
+        Gate(1, torch.randn(2, 16), 0.0)
+    with pytest.raises(ValueError, match="pos_strata"):
+        fit_gate(pos, neg, [2], per_source=True)
+
+
+def test_a_two_detector_gate_survives_the_artifact_and_steers_what_it_opens(tiny,
+                                                                            tmp_path: Path
+                                                                            ) -> None:
+    """A gate of two detectors opens where either would, offline and in the hook, and comes
+    back from a profile artifact with both."""
+    a = _mean_gate(tiny)
+    feats = capture(tiny, PROMPTS, [1], [MEAN_ALL], show_progress=False)[:, 0, 0].double()
+    v2 = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    t2 = float((feats @ (v2 / v2.norm()).double()).sort(descending=True).values[1])  # opens 1
+    both = Gate(1, torch.stack([a.vector, v2]), (a.threshold, t2), "mean")  # type: ignore[arg-type]
+    expected = a.decide(feats) | Gate(1, v2, t2, "mean").decide(feats)
+    assert torch.equal(gate_open(tiny, both, PROMPTS), expected)
+    prof = Profile((addition({2: torch.randn(64) * 10}, 1.0, gate=both),))
+    save_profile(prof, tmp_path / "p", tiny)
+    back = gate_of(load_profile(tmp_path / "p", tiny))
+    assert back is not None and back.vector.shape == (2, 64)
+    assert back.thresholds == pytest.approx(both.thresholds)
+    steered = last_logprobs(tiny, PROMPTS, profile=load_profile(tmp_path / "p", tiny),
+                            batch_size=len(PROMPTS))
+    changed = (steered - last_logprobs(tiny, PROMPTS)).abs().amax(-1) > 1e-5
+    assert torch.equal(changed, expected) and 0 < int(expected.sum()) < len(PROMPTS)

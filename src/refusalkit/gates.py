@@ -116,7 +116,7 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
              seed: int = 0, ordinary: torch.Tensor | None = None,
              groups: tuple[torch.Tensor, torch.Tensor] | None = None,
              strata: torch.Tensor | None = None,
-             pos_strata: torch.Tensor | None = None) -> GateFit:
+             pos_strata: torch.Tensor | None = None, per_source: bool = False) -> GateFit:
     """Fit a topic gate from [n, L, d] topic (`pos`) and other (`neg`) activations, where
     axis 1 indexes `layers` (model layer numbers) and the features were read as `pool`
     says (see `pool_position`). `ordinary` [n_neg] bool marks everyday negatives that may
@@ -126,7 +126,13 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     each phrasing, not only pooled over them. `pos_strata` [n_pos] gives each topic row its
     source (e.g. the target's questions, requests written for the gate): the layer is then
     chosen by its worst source's recall, so a gate that reads one phrasing well cannot win
-    by the other's numbers."""
+    by the other's numbers. `per_source` fits one detector per topic source (the gate opens
+    when any passes: a union of linear detectors, for sources one direction cannot cover);
+    each detector's score is standardised on its own negatives and the one threshold is set
+    on the highest, so the false-open budget holds for the union, not per detector."""
+    if per_source and pos_strata is None:
+        raise ValueError("per_source needs pos_strata")
+    sources = pos_strata.unique().tolist() if per_source and pos_strata is not None else [None]
     if pos.shape[0] < folds or neg.shape[0] < folds:
         raise UserError(f"a topic gate needs at least {folds} topic and {folds} other prompts "
                         f"(got {pos.shape[0]} and {neg.shape[0]})")
@@ -142,11 +148,16 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
             pz, nz = torch.empty(len(p), dtype=torch.float64), torch.empty(len(n),
                                                                           dtype=torch.float64)
             for pf, nf in zip(p_folds, n_folds, strict=True):
-                p_tr = p[torch.ones(len(p), dtype=torch.bool).index_fill_(0, pf, False)]
+                train = torch.ones(len(p), dtype=torch.bool).index_fill_(0, pf, False)
                 n_tr = n[torch.ones(len(n), dtype=torch.bool).index_fill_(0, nf, False)]
-                v, mu, sd = _fit(p_tr, n_tr, shrink)
-                pz[pf] = (p[pf] @ v.double() - mu) / sd
-                nz[nf] = (n[nf] @ v.double() - mu) / sd
+                zp, zn = [], []
+                for src in sources:
+                    rows = train if src is None else train & (pos_strata == src)
+                    v, mu, sd = _fit(p[rows], n_tr, shrink)
+                    zp.append((p[pf] @ v.double() - mu) / sd)
+                    zn.append((n[nf] @ v.double() - mu) / sd)
+                pz[pf] = torch.stack(zp).amax(0)
+                nz[nf] = torch.stack(zn).amax(0)
             drop = (ordinary & (nz >= pz.median()) if ordinary is not None
                      else torch.zeros(len(nz), dtype=torch.bool))
             kept = nz[~drop]
@@ -168,8 +179,14 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
             best = (layer_best[0], layer_best[1], slot, layer_best[2])
     assert best is not None
     row, slot, drop = best[1], best[2], best[3]
-    v, mu, sd = _fit(pos[:, slot], neg[:, slot], row["shrink"])  # as in the folds: same scale
-    gate = Gate(int(row["layer"]), v, mu + row["threshold_z"] * sd, pool)  # type: ignore[arg-type]
+    vs, ts = [], []
+    for src in sources:  # as in the folds: each detector on its own scale
+        rows = slice(None) if src is None else pos_strata == src
+        v, mu, sd = _fit(pos[rows, slot], neg[:, slot], row["shrink"])
+        vs.append(v)
+        ts.append(mu + row["threshold_z"] * sd)
+    gate = Gate(int(row["layer"]), vs[0] if len(vs) == 1 else torch.stack(vs),
+                ts[0] if len(ts) == 1 else tuple(ts), pool)  # type: ignore[arg-type]
     return GateFit(gate, row["recall"], row["margin_z"], row["leak"], row["shrink"], table,
                    tuple(torch.nonzero(drop).flatten().tolist()), tuple(row["recall_by"]))
 

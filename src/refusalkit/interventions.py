@@ -52,22 +52,42 @@ class Gate:
 
     The decision is taken once per sequence in the prompt pass and kept for generation, so a
     topic detector can switch a behaviour vector on for one topic and leave others alone.
+    A gate may hold several detectors at its layer (`vector` [k, d], one threshold each): it
+    opens when any of them passes, e.g. one for the topic asked as questions and one for it
+    given as instructions (gates.fit_gate's per-source fit).
     """
 
     layer: int
-    vector: torch.Tensor
-    threshold: float
+    vector: torch.Tensor  # [d], or [k, d] for k detectors
+    threshold: float | tuple[float, ...]
     pool: Literal["last", "mean", "user"] = "last"  # last token, mean over prompt / user text
 
     def __post_init__(self) -> None:
         if self.pool not in ("last", "mean", "user"):
             raise UserError(f"unknown gate pooling '{self.pool}'; use last, mean or user")
+        k = 1 if self.vector.ndim == 1 else self.vector.shape[0]
+        if self.vector.ndim not in (1, 2) or len(self.thresholds) != k:
+            raise UserError(f"a gate needs one threshold per detector: vector "
+                            f"{tuple(self.vector.shape)}, {len(self.thresholds)} threshold(s)")
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        t = self.threshold
+        return tuple(float(x) for x in t) if isinstance(t, (tuple, list)) else (float(t),)
+
+    @classmethod
+    def of(cls, layer: Any, vector: torch.Tensor, threshold: Any, pool: Any = "last") -> Gate:
+        """From a JSON record: a threshold is a number (one detector) or a list."""
+        t = (tuple(float(x) for x in threshold) if isinstance(threshold, (list, tuple))
+             else float(threshold))
+        return cls(int(layer), vector.float(), t, pool)
 
     def decide(self, features: torch.Tensor) -> torch.Tensor:
         """Open (True) per row of pooled prompt states [n, d]: the one rule the hook and the
         offline check (gates.gate_open) both apply."""
-        v = unit(self.vector.to(features.device))
-        return features.double() @ v > self.threshold
+        v = unit(self.vector.to(features.device)).reshape(len(self.thresholds), -1)
+        t = torch.tensor(self.thresholds, dtype=torch.float64, device=features.device)
+        return (features.double() @ v.T > t).any(-1)
 
 
 @dataclass(frozen=True)
@@ -269,8 +289,8 @@ def load_profile(path: str | Path, lm: LoadedModel | None = None,
         strengths = {int(k): float(v) for k, v in meta.get("strengths", {}).items()}
         gate = None
         if "gate" in meta:
-            gate = Gate(int(meta["gate"]["layer"]), need_tensor(art, f"op{i}.gate", path),
-                        float(meta["gate"]["threshold"]), meta["gate"].get("pool", "last"))
+            gate = Gate.of(meta["gate"]["layer"], need_tensor(art, f"op{i}.gate", path),
+                           meta["gate"]["threshold"], meta["gate"].get("pool", "last"))
         levels = {int(k): float(v) for k, v in meta.get("levels", {}).items()}
         op = Op(meta["kind"], vectors, strengths, meta.get("phase", "both"), gate, levels)
         operator(op.kind).validate(op, str(path))

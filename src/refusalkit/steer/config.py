@@ -105,6 +105,10 @@ class SearchConfig(ConfigModel):
     gate_pool: Literal["mean", "user", "last"] = "mean"
     """What the gate reads: the mean state over the formatted prompt, the mean over the
     user's own tokens (no system prompt or template), or the last prompt token."""
+    gate_per_source: bool = False
+    """With data.gate_topic: one detector for the target's prompts and one for gate_topic's,
+    the gate opening when either passes (the false-open budget holds for the pair). One
+    direction for questions and requests together read both worse than each alone."""
     gate_false_open: float = Field(0.0, ge=0, lt=0.5)
     """Share of other-topic prompts (out of fold) the gate may open for: higher opens on more
     of the topic, and steers more prompts it should leave alone."""

@@ -118,7 +118,7 @@ def search_space(lm: LoadedModel, search: SearchConfig, mode: Mode) -> SearchSpa
 def gate_of_record(rec: dict[str, Any] | None) -> Gate | None:
     if rec is None:
         return None
-    return Gate(rec["layer"], torch.tensor(rec["vector"]), rec["threshold"], rec["pool"])
+    return Gate.of(rec["layer"], torch.tensor(rec["vector"]), rec["threshold"], rec["pool"])
 
 
 def gate_inputs(lm: LoadedModel, splits: Splits, search: SearchConfig
@@ -170,7 +170,8 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
     fit = fit_gate(pos, neg, layers, max_false_open=search.gate_false_open, pool=pool,
                    seed=seed, ordinary=ordinary.repeat(k), groups=groups,
                    strata=torch.arange(k).repeat_interleave(n_neg) if k > 1 else None,
-                   pos_strata=source.repeat(k) if len(topic) > 1 else None)
+                   pos_strata=source.repeat(k) if len(topic) > 1 else None,
+                   per_source=search.gate_per_source and len(topic) > 1)
     dropped = sorted({i % n_neg for i in fit.dropped})
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
@@ -178,4 +179,5 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
             "recall_oof_by_set": dict(zip(topic, fit.recall_by, strict=True)),
             "n_topic": n_pos, "n_other": n_neg, "n_topic_gate_only": len(data["gate_topic"]),
             "dropped_ordinary": [texts[i] for i in dropped], "layers": fit.table,
+            "detectors": 1 if fit.gate.vector.ndim == 1 else fit.gate.vector.shape[0],
             **({"phrasings": search.gate_phrasings} if search.gate_phrasings else {})}
