@@ -104,7 +104,9 @@ class SearchConfig(ConfigModel):
     and after the gate's layer."""
     gate_pool: Literal["mean", "user", "last"] = "mean"
     """What the gate reads: the mean state over the formatted prompt, the mean over the
-    user's own tokens (no system prompt or template), or the last prompt token."""
+    user's own tokens (no system prompt or template), or the last prompt token. "user" finds
+    the user's tokens by the lengths of the model's own chat format (its default system
+    prompt): a chat served with another system prompt, or several turns, shifts that span."""
     gate_per_source: bool = False
     """With data.gate_topic: one detector for the target's prompts and one for gate_topic's,
     the gate opening when either passes (the false-open budget holds for the pair). One
