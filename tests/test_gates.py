@@ -313,6 +313,8 @@ def test_gate_topic_prompts_join_the_gates_topic_side_only(tiny) -> None:
         update={"gate_per_source": True}), batch_size=8, seed=0, show_progress=False)
     gate = gate_of_record(pair)
     assert pair["detectors"] == 2 and gate is not None and gate.vector.shape[0] == 2
+    with pytest.raises(UserError, match="gate_per_source"):  # one source: nothing to split
+        SteerConfig.load(repo / "configs" / "tiny_steer.toml", {"search.gate_per_source": True})
     assert len(gate_open(tiny, gate, splits.target_fit)) == len(splits.target_fit)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from refusalkit.config import ConfigModel
 
@@ -153,3 +153,11 @@ class SteerConfig(ConfigModel):
     directions: DirectionConfig = DirectionConfig()
     search: SearchConfig = SearchConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _per_source_needs_sources(self) -> SteerConfig:
+        if self.search.gate_per_source and not self.data.gate_topic:
+            raise ValueError("search.gate_per_source fits one detector per topic source: set "
+                             "data.gate_topic (e.g. [\"builtin:china_requests_fit\"]) or "
+                             "leave it off")
+        return self
