@@ -36,10 +36,7 @@ class _StopForward(Exception):
 def post_instruction_length(lm: LoadedModel) -> int:
     """How many template tokens follow the user's instruction (e.g. 5 for Qwen's
     `<|im_end|>\\n<|im_start|>assistant\\n`)."""
-    marker = "XQZ_MARKER_QZX"
-    text = lm.format(marker)
-    suffix = text.split(marker, 1)[1]
-    return max(1, len(lm.tokenizer(suffix, add_special_tokens=False)["input_ids"]))
+    return max(1, template_lengths(lm)[1])
 
 
 def template_lengths(lm: LoadedModel) -> tuple[int, int]:
@@ -47,8 +44,9 @@ def template_lengths(lm: LoadedModel) -> tuple[int, int]:
     prompt and template a user-token mean leaves out."""
     marker = "XQZ_MARKER_QZX"
     before, after = lm.format(marker).split(marker, 1)
-    n = len(lm.tokenizer(before, add_special_tokens=False)["input_ids"])
-    return n, post_instruction_length(lm) if after else 0
+    n_before, n_after = (len(lm.tokenizer(part, add_special_tokens=False)["input_ids"])
+                         for part in (before, after))
+    return n_before, n_after
 
 
 def user_mask(mask: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -132,8 +130,8 @@ def capture(
     slot = {layer: i for i, layer in enumerate(layers)}
     current: dict[int, torch.Tensor] = {}
     pad_mask: dict[str, torch.Tensor] = {}
-    select = _selector(positions, post_instruction_length(lm), pad_mask,
-                       template_lengths(lm) if MEAN_USER in positions else (0, 0))
+    template = template_lengths(lm)
+    select = _selector(positions, max(1, template[1]), pad_mask, template)
     with _stop_after(lm, layers, select, current), \
             bar("activations", len(texts), show_progress) as progress, torch.inference_mode():
         for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
@@ -154,7 +152,7 @@ def capture(
 
 
 def _selector(positions: Sequence[Position], n_post: int,
-              pad_mask: dict[str, torch.Tensor], template: tuple[int, int] = (0, 0)
+              pad_mask: dict[str, torch.Tensor], template: tuple[int, int]
               ) -> Callable[[torch.Tensor], torch.Tensor]:
     """[batch, seq, d] states -> [batch, len(positions), d] float32 at the positions."""
     def select(h: torch.Tensor) -> torch.Tensor:
