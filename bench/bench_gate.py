@@ -78,8 +78,20 @@ def main() -> None:
     for spec in (["harmless_train"] if args.dev_only else SETS):
         ps = [p for p in load_prompts(spec).prompts if p not in used][:args.limit]
         measure(f"{spec} (rows no role used)", ps, False)
+    # harmful_test past the rows above, split by parity: even rows are DEV (for choosing how
+    # the gate is fitted against harmful requests), odd rows stay held out
+    rest = [p for p in load_prompts("harmful_test").prompts if p not in used][args.limit:]
+    if args.dev_only:
+        measure("harmful_test rest, even rows (DEV)", rest[0::2], False)
+    else:
+        measure("harmful_test rest, odd rows (held out)", rest[1::2], False)
+        for spec in ("xstest?label=unsafe",
+                     "coconot_original?category=Requests with safety concerns"):
+            measure(spec, load_prompts(spec).prompts, False)
     print(f"gate: layer {rec['layer']}, pool {rec['pool']}, out-of-fold recall "
-          f"{rec['recall_oof']:.3f}, leak {rec['leak']:.4f}, fitted in {fit_s:.0f} s on "
+          f"{rec['recall_oof']:.3f} (by set: "
+          f"{', '.join(f'{k} {v:.3f}' for k, v in rec['recall_oof_by_set'].items())}), "
+          f"detector {rec['detector']}, leak {rec['leak']:.4f}, fitted in {fit_s:.0f} s on "
           f"{rec['n_topic']} topic ({rec.get('n_topic_gate_only', 0)} of them for the gate only) "
           f"vs {rec['n_other']} other prompts\n")
     print(md_table(["set", "n", "opened", "share", "kind"], rows))

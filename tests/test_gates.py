@@ -310,12 +310,30 @@ def test_gate_topic_prompts_join_the_gates_topic_side_only(tiny) -> None:
     assert rec["detectors"] == plain["detectors"] == 1
     assert set(rec["recall_oof_by_set"]) == {"target_fit", "gate_topic"}
     pair = fit_topic_gate(tiny, {}, splits, cfg.search.model_copy(
-        update={"gate_per_source": True}), batch_size=8, seed=0, show_progress=False)
+        update={"gate_per_source": True, "gate_detector": "logistic"}), batch_size=8, seed=0,
+        show_progress=False)
     gate = gate_of_record(pair)
     assert pair["detectors"] == 2 and gate is not None and gate.vector.shape[0] == 2
+    assert pair["detector"] == "logistic" and plain["detector"] == "lda"
     with pytest.raises(UserError, match="gate_per_source"):  # one source: nothing to split
         SteerConfig.load(repo / "configs" / "tiny_steer.toml", {"search.gate_per_source": True})
     assert len(gate_open(tiny, gate, splits.target_fit)) == len(splits.target_fit)
+
+
+def test_political_harm_requests_join_the_gates_other_side_as_harmful() -> None:
+    """builtin:political_harm_fit named in gate_sources: every one of its prompts is a gate
+    negative, and none counts as ordinary (PU cleaning may never set a harmful one aside)."""
+    from refusalkit.prompts import load_prompts
+    from refusalkit.steer.config import SteerConfig
+    from refusalkit.steer.data import split_data
+
+    repo = Path(__file__).resolve().parents[1]
+    harm = load_prompts("builtin:political_harm_fit").prompts
+    cfg = SteerConfig.load(repo / "configs" / "tiny_steer.toml", {
+        "data.n_gate": 200, "data.gate_sources": ["neutral", "builtin:political_harm_fit"]})
+    splits = split_data(cfg.data, cfg.seed)
+    assert len(harm) >= 100 and set(harm) <= set(splits.gate_negatives)
+    assert not set(harm) & set(splits.gate_ordinary) and splits.gate_ordinary
 
 
 def test_the_layer_must_hold_on_every_topic_source_not_only_pooled() -> None:
@@ -359,6 +377,11 @@ def test_a_user_pooled_gate_on_qwen_reads_the_question_and_steers_what_it_opens(
     test = topic[40:] + other[120:]
     opened = gate_open(qwen, fit.gate, test, batch_size=8)
     assert opened[:16].double().mean() >= 0.6 and opened[16:].double().mean() <= 0.15
+    # the logistic detector fits the same features into the same kind of gate
+    logit = fit_gate(feats[:40], feats[40:], layers, pool="user", max_false_open=0.01,
+                     detector="logistic")
+    by_logit = gate_open(qwen, logit.gate, test, batch_size=8)
+    assert by_logit[:16].double().mean() >= 0.6 and by_logit[16:].double().mean() <= 0.15
     steered = last_logprobs(qwen, test, profile=Profile((addition(
         {6: torch.randn(qwen.hidden_size) * 20}, 1.0, gate=fit.gate),)), batch_size=8)
     changed = (steered - last_logprobs(qwen, test, batch_size=8)).abs().amax(-1) > 1e-3
@@ -387,6 +410,12 @@ def test_per_source_detectors_cover_sources_one_direction_cannot() -> None:
     assert float(two.gate.decide(test_neg[:, 0]).double().mean()) < 0.02
     assert float(two.gate.decide(test_pos[:, 0]).double().mean()) > \
         float(one.gate.decide(test_pos[:, 0]).double().mean()) + 0.15
+    logit = fit_gate(pos, neg, [2], max_false_open=0.005, pos_strata=source.long(),
+                     per_source=True, detector="logistic")
+    assert logit.gate.vector.shape == (2, 16) and min(logit.recall_by) > 0.6
+    assert float(logit.gate.decide(test_neg[:, 0]).double().mean()) < 0.02
+    with pytest.raises(UserError, match="unknown gate detector"):
+        fit_gate(pos, neg, [2], detector="svm")
     with pytest.raises(UserError, match="one threshold per detector"):
         Gate(1, torch.randn(2, 16), 0.0)
     with pytest.raises(ValueError, match="pos_strata"):

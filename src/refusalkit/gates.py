@@ -12,7 +12,9 @@ was not fitted on (k-fold, out of fold), to open on at most a chosen share of th
 Choices, written down:
 - Direction per candidate layer: ridge-regularised LDA (RMD) topic-vs-others, with the ridge
   λ relative to the mean per-coordinate variance of the negatives (layers differ in scale by
-  orders of magnitude); λ is chosen per layer from a small grid by out-of-fold recall.
+  orders of magnitude), or an L2 logistic regression (`detector="logistic"`), which reads a
+  topic that comes in two phrasings better (LDA follows the class means; RESULTS.md); λ is
+  chosen per layer from a small grid by out-of-fold recall.
 - Threshold: out-of-fold scores are standardised by each fold's *training* negatives'
   projection mean and spread (the final, all-data fit is standardised the same way, so the
   fold and final scales match). The threshold sits halfway between the highest out-of-fold
@@ -42,13 +44,14 @@ from dataclasses import dataclass
 import torch
 
 from refusalkit.activations import MEAN_ALL, MEAN_USER, capture
-from refusalkit.directions import rmd
+from refusalkit.directions import logistic, rmd
 from refusalkit.errors import UserError
 from refusalkit.geometry import auc
 from refusalkit.interventions import Gate
 from refusalkit.models import LoadedModel
 
-SHRINKS = (0.1, 1.0, 10.0, 100.0)
+SHRINKS = (0.1, 1.0, 10.0, 100.0)  # LDA's ridge, in units of the mean coordinate variance
+PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)  # logistic's L2 λ on standardised coordinates
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class GateFit:
     recall: float  # out-of-fold share of topic prompts it opens for (none of the others)
     margin_z: float  # out-of-fold gap between the top other prompt and the next topic one
     leak: float  # 95 % upper bound (Wilson) of the out-of-fold false-open rate
-    shrink: float  # ridge λ in units of the negatives' mean coordinate variance
+    shrink: float  # λ: LDA ridge in units of the mean coordinate variance, or logistic L2
     table: list[dict[str, float]]  # one row per candidate layer (best shrink)
     dropped: tuple[int, ...] = ()  # ordinary negatives taken for unlabelled topic prompts
     recall_by: tuple[float, ...] = ()  # out-of-fold recall per topic stratum (pos_strata)
@@ -74,10 +77,14 @@ def _folds(n: int, k: int, gen: torch.Generator,
     return [torch.nonzero(torch.isin(groups, c)).flatten() for c in chunks]
 
 
-def _fit(pos: torch.Tensor, neg: torch.Tensor, shrink: float) -> tuple[torch.Tensor, float, float]:
+def _fit(pos: torch.Tensor, neg: torch.Tensor, shrink: float,
+         detector: str = "lda") -> tuple[torch.Tensor, float, float]:
     """Unit direction and the negatives' projection mean / std along it."""
-    lam = shrink * float(neg.double().var(0).mean().clamp_min(1e-12))
-    v = rmd(pos, neg, lam=lam)
+    if detector == "logistic":
+        v = logistic(pos, neg, lam=shrink)
+    else:
+        lam = shrink * float(neg.double().var(0).mean().clamp_min(1e-12))
+        v = rmd(pos, neg, lam=lam)
     proj = neg.double() @ v.double()
     return v, float(proj.mean()), float(proj.std().clamp_min(1e-12))
 
@@ -116,7 +123,8 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
              seed: int = 0, ordinary: torch.Tensor | None = None,
              groups: tuple[torch.Tensor, torch.Tensor] | None = None,
              strata: torch.Tensor | None = None,
-             pos_strata: torch.Tensor | None = None, per_source: bool = False) -> GateFit:
+             pos_strata: torch.Tensor | None = None, per_source: bool = False,
+             detector: str = "lda") -> GateFit:
     """Fit a topic gate from [n, L, d] topic (`pos`) and other (`neg`) activations, where
     axis 1 indexes `layers` (model layer numbers) and the features were read as `pool`
     says (see `pool_position`). `ordinary` [n_neg] bool marks everyday negatives that may
@@ -129,7 +137,12 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     by the other's numbers. `per_source` fits one detector per topic source (the gate opens
     when any passes: a union of linear detectors, for sources one direction cannot cover);
     each detector's score is standardised on its own negatives and the one threshold is set
-    on the highest, so the false-open budget holds for the union, not per detector."""
+    on the highest, so the false-open budget holds for the union, not per detector.
+    `detector` picks each direction's estimator: "lda" (ridge-LDA, λ from SHRINKS) or
+    "logistic" (L2 logistic regression, λ from PENALTIES); both are linear, so the gate,
+    its hook and its artifact are the same either way."""
+    if detector not in ("lda", "logistic"):
+        raise UserError(f"unknown gate detector '{detector}'; use lda or logistic")
     if per_source and pos_strata is None:
         raise ValueError("per_source needs pos_strata")
     sources = pos_strata.unique().tolist() if per_source and pos_strata is not None else [None]
@@ -144,7 +157,7 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     for slot, layer in enumerate(layers):
         p, n = pos[:, slot].double(), neg[:, slot].double()
         layer_best: tuple | None = None
-        for shrink in SHRINKS:
+        for shrink in (PENALTIES if detector == "logistic" else SHRINKS):
             pz, nz = torch.empty(len(p), dtype=torch.float64), torch.empty(len(n),
                                                                           dtype=torch.float64)
             for pf, nf in zip(p_folds, n_folds, strict=True):
@@ -153,7 +166,7 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
                 zp, zn = [], []
                 for src in sources:
                     rows = train if src is None else train & (pos_strata == src)
-                    v, mu, sd = _fit(p[rows], n_tr, shrink)
+                    v, mu, sd = _fit(p[rows], n_tr, shrink, detector)
                     zp.append((p[pf] @ v.double() - mu) / sd)
                     zn.append((n[nf] @ v.double() - mu) / sd)
                 pz[pf] = torch.stack(zp).amax(0)
@@ -182,7 +195,7 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     vs, ts = [], []
     for src in sources:  # as in the folds: each detector on its own scale
         rows = slice(None) if src is None else pos_strata == src
-        v, mu, sd = _fit(pos[rows, slot], neg[:, slot], row["shrink"])
+        v, mu, sd = _fit(pos[rows, slot], neg[:, slot], row["shrink"], detector)
         vs.append(v)
         ts.append(mu + row["threshold_z"] * sd)
     gate = Gate(int(row["layer"]), vs[0] if len(vs) == 1 else torch.stack(vs),

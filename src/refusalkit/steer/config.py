@@ -111,6 +111,11 @@ class SearchConfig(ConfigModel):
     """With data.gate_topic: one detector for the target's prompts and one for gate_topic's,
     the gate opening when either passes (the false-open budget holds for the pair). One
     direction for questions and requests together read both worse than each alone."""
+    gate_detector: Literal["lda", "logistic"] = "lda"
+    """How each detector's direction is fitted: ridge-LDA, or an L2 logistic regression
+    (discriminative: it reads a topic that comes as two phrasings, questions and requests,
+    better than LDA's shared-covariance fit; RESULTS.md). Either is one linear direction, so
+    the gate, its hook and its artifact do not change."""
     gate_false_open: float = Field(0.0, ge=0, lt=0.5)
     """Share of other-topic prompts (out of fold) the gate may open for: higher opens on more
     of the topic, and steers more prompts it should leave alone."""

@@ -171,9 +171,11 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
                    seed=seed, ordinary=ordinary.repeat(k), groups=groups,
                    strata=torch.arange(k).repeat_interleave(n_neg) if k > 1 else None,
                    pos_strata=source.repeat(k) if len(topic) > 1 else None,
-                   per_source=search.gate_per_source and len(topic) > 1)
+                   per_source=search.gate_per_source and len(topic) > 1,
+                   detector=search.gate_detector)
     dropped = sorted({i % n_neg for i in fit.dropped})
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
+            "detector": search.gate_detector,
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
             "margin_z": fit.margin_z, "shrink": fit.shrink,
             "recall_oof_by_set": dict(zip(topic, fit.recall_by, strict=True)),
