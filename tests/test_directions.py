@@ -141,6 +141,10 @@ def test_logistic_ignores_a_coordinates_scale_and_is_deterministic() -> None:
     corr = torch.corrcoef(torch.stack([pos.double() @ a, big_p.double() @ b]))[0, 1]
     assert float(corr) > 0.9999
     assert torch.equal(logistic(pos, neg), logistic(pos, neg))
+    with torch.inference_mode():  # as under capture: the fit still runs, with the same result
+        assert torch.equal(logistic(pos.clone(), neg.clone()), logistic(pos, neg))
+    with torch.no_grad():
+        assert torch.equal(logistic(pos, neg), logistic(pos, neg))
     assert abs(float(a.norm()) - 1.0) < 1e-5
     with pytest.raises(ValueError, match="penalty"):
         logistic(pos, neg, lam=0.0)

@@ -166,24 +166,26 @@ def logistic(pos: torch.Tensor, neg: torch.Tensor, *, lam: float = 1e-2,
     _check(pos, neg)
     if lam <= 0:
         raise ValueError("the logistic penalty λ must be positive")
-    n = neg.double()
-    mu, sd = n.mean(0), n.std(0).clamp_min(1e-6)
-    xp, xn = (pos.double() - mu) / sd, (n - mu) / sd
-    w = torch.zeros(pos.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-    sp = torch.nn.functional.softplus
+    # callers may hold no_grad or inference_mode (capture does); the fit needs autograd
+    with torch.inference_mode(False), torch.enable_grad():
+        n = neg.double().clone()
+        mu, sd = n.mean(0), n.std(0).clamp_min(1e-6)
+        xp, xn = (pos.double().clone() - mu) / sd, (n - mu) / sd
+        w = torch.zeros(pos.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-9, tolerance_change=1e-12)
+        sp = torch.nn.functional.softplus
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = (0.5 * sp(-(xp @ w + b)).mean() + 0.5 * sp(xn @ w + b).mean()
-                + 0.5 * lam * (w @ w))
-        loss.backward()
-        return loss
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = (0.5 * sp(-(xp @ w + b)).mean() + 0.5 * sp(xn @ w + b).mean()
+                    + 0.5 * lam * (w @ w))
+            loss.backward()
+            return loss
 
-    opt.step(closure)
-    v = w.detach() / sd
+        opt.step(closure)
+        v = w.detach() / sd
     return _unit(v) if normalize else v.float()
 
 
