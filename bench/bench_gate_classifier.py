@@ -95,13 +95,11 @@ def main() -> None:
         g = torch.Generator().manual_seed(seed)
         if kind == "logreg":
             net = torch.nn.Linear(x.shape[1], 1)
-            decay = float(wd or 1e-2)
         else:
             torch.manual_seed(seed)
             net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 64), torch.nn.GELU(),
                                       torch.nn.Dropout(0.2), torch.nn.Linear(64, 1))
-            decay = float(wd or 1e-2)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=decay)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=float(wd or 1e-2))
         for _ in range(300):
             idx = torch.randperm(len(x), generator=g)
             for b in idx.split(128):

@@ -38,7 +38,7 @@ Choices, written down:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +50,23 @@ from refusalkit.geometry import auc
 from refusalkit.interventions import Gate
 from refusalkit.models import LoadedModel
 
-SHRINKS = (0.1, 1.0, 10.0, 100.0)  # LDA's ridge, in units of the mean coordinate variance
-PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)  # logistic's L2 λ on standardised coordinates
+
+def _lda(pos: torch.Tensor, neg: torch.Tensor, shrink: float) -> torch.Tensor:
+    """Ridge-LDA with λ in units of the negatives' mean coordinate variance."""
+    return rmd(pos, neg, lam=shrink * float(neg.double().var(0).mean().clamp_min(1e-12)))
+
+
+def _logistic(pos: torch.Tensor, neg: torch.Tensor, shrink: float) -> torch.Tensor:
+    """L2 logistic regression with λ on standardised coordinates."""
+    return logistic(pos, neg, lam=shrink)
+
+
+# each detector: its direction estimator and the λ grid chosen from by out-of-fold recall
+DETECTORS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
+                           tuple[float, ...]]] = {
+    "lda": (_lda, (0.1, 1.0, 10.0, 100.0)),
+    "logistic": (_logistic, (1e-3, 1e-2, 1e-1, 1.0)),
+}
 
 
 @dataclass(frozen=True)
@@ -80,11 +95,7 @@ def _folds(n: int, k: int, gen: torch.Generator,
 def _fit(pos: torch.Tensor, neg: torch.Tensor, shrink: float,
          detector: str = "lda") -> tuple[torch.Tensor, float, float]:
     """Unit direction and the negatives' projection mean / std along it."""
-    if detector == "logistic":
-        v = logistic(pos, neg, lam=shrink)
-    else:
-        lam = shrink * float(neg.double().var(0).mean().clamp_min(1e-12))
-        v = rmd(pos, neg, lam=lam)
+    v = DETECTORS[detector][0](pos, neg, shrink)
     proj = neg.double() @ v.double()
     return v, float(proj.mean()), float(proj.std().clamp_min(1e-12))
 
@@ -138,11 +149,11 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     when any passes: a union of linear detectors, for sources one direction cannot cover);
     each detector's score is standardised on its own negatives and the one threshold is set
     on the highest, so the false-open budget holds for the union, not per detector.
-    `detector` picks each direction's estimator: "lda" (ridge-LDA, λ from SHRINKS) or
-    "logistic" (L2 logistic regression, λ from PENALTIES); both are linear, so the gate,
-    its hook and its artifact are the same either way."""
-    if detector not in ("lda", "logistic"):
-        raise UserError(f"unknown gate detector '{detector}'; use lda or logistic")
+    `detector` picks each direction's estimator and λ grid from DETECTORS: "lda"
+    (ridge-LDA) or "logistic" (L2 logistic regression); both are linear, so the gate, its
+    hook and its artifact are the same either way."""
+    if detector not in DETECTORS:
+        raise UserError(f"unknown gate detector '{detector}'; use {' or '.join(DETECTORS)}")
     if per_source and pos_strata is None:
         raise ValueError("per_source needs pos_strata")
     sources = pos_strata.unique().tolist() if per_source and pos_strata is not None else [None]
@@ -157,7 +168,7 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     for slot, layer in enumerate(layers):
         p, n = pos[:, slot].double(), neg[:, slot].double()
         layer_best: tuple | None = None
-        for shrink in (PENALTIES if detector == "logistic" else SHRINKS):
+        for shrink in DETECTORS[detector][1]:
             pz, nz = torch.empty(len(p), dtype=torch.float64), torch.empty(len(n),
                                                                           dtype=torch.float64)
             for pf, nf in zip(p_folds, n_folds, strict=True):
