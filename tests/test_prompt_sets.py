@@ -1,0 +1,87 @@
+"""The prompt sets shipped inside the package: each is documented, loads, and its held-out
+parts share nothing (not even a near copy) with the parts a run fits or chooses on, so a
+held-out figure measured on them stays held out."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from importlib import resources
+
+import pytest
+
+from refusalkit.prompts import load_prompts
+
+PROMPTS = resources.files("refusalkit") / "data" / "prompts"
+SETS = sorted(p.name.removesuffix(".jsonl") for p in PROMPTS.iterdir()
+              if p.name.endswith(".jsonl"))
+HAN = re.compile(r"[\u4e00-\u9fff]")
+
+
+def _rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (PROMPTS / f"{name}.jsonl").read_text(
+        encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_every_shipped_set_loads_is_documented_and_has_no_repeats(name: str) -> None:
+    rows = _rows(name)
+    doc = name.removesuffix("_dev").removesuffix("_fit")
+    assert (PROMPTS / f"{name}.md").is_file() or (PROMPTS / f"{doc}.md").is_file()
+    prompts = load_prompts(f"builtin:{name}").prompts
+    assert len(prompts) == len(rows) >= 20
+    assert len(set(prompts)) == len(prompts)
+    for r in rows:
+        if r.get("lang") == "zh":
+            assert HAN.search(r["prompt"]), r
+        elif r.get("lang") == "en":
+            assert not HAN.search(r["prompt"]), r
+
+
+def test_chinese_sets_split_as_documented() -> None:
+    """ordinary_zh: 200 fit / 100 test with every kind in both; harmful_zh: translations of
+    harmful_train (fit) and harmful_test (test) rows, each naming its row; the Chinese
+    topic requests: 60 fit / 20 dev."""
+    ordinary = _rows("ordinary_zh")
+    assert sum(r["split"] == "fit" for r in ordinary) == 200
+    assert sum(r["split"] == "test" for r in ordinary) == 100
+    kinds = {r["kind"] for r in ordinary}
+    assert {r["kind"] for r in ordinary if r["split"] == "test"} == kinds
+    harmful = _rows("harmful_zh")
+    assert {(r["split"], r["source"]) for r in harmful} == {("fit", "harmful_train"),
+                                                            ("test", "harmful_test")}
+    from refusalkit.prompts import load_prompts as load
+    for r in harmful[:: 17]:  # each translation names the row it translates
+        assert load(r["source"]).prompts[r["row"]] == r["original"]
+    requests = load_prompts("builtin:china_requests_zh_fit")
+    assert len(requests.where(split="fit")) == 60 and len(requests.where(split="dev")) == 20
+
+
+def test_nothing_held_out_is_a_near_copy_of_what_runs_fit_or_choose_on() -> None:
+    """Held out (never fitted or chosen on): china_requests, ordinary_zh?split=test,
+    harmful_zh?split=test. Fitted or chosen on: the *_fit and *_dev sets and the fit
+    splits. No held-out prompt is within difflib ratio 0.8 of any of those."""
+    held = [*load_prompts("builtin:china_requests").prompts,
+            *load_prompts("builtin:ordinary_zh?split=test").prompts,
+            *load_prompts("builtin:harmful_zh?split=test").prompts]
+    used = [*load_prompts("builtin:china_requests_fit").prompts,
+            *load_prompts("builtin:china_requests_dev").prompts,
+            *load_prompts("builtin:china_requests_zh_fit").prompts,
+            *load_prompts("builtin:political_harm_fit").prompts,
+            *load_prompts("builtin:ordinary_zh?split=fit").prompts,
+            *load_prompts("builtin:harmful_zh?split=fit").prompts]
+    for h in held:
+        m = difflib.SequenceMatcher(None, h)
+        for u in used:
+            m.set_seq1(u)
+            assert m.real_quick_ratio() < 0.8 or m.ratio() < 0.8, (h, u)
+
+
+def test_ordinary_chinese_prompts_name_no_sensitive_topic() -> None:
+    """ordinary_zh is the gate's everyday Chinese side: a sensitive keyword in it would teach
+    the gate to stay shut on the topic itself."""
+    words = ("天安门", "六四", "西藏", "新疆", "维吾尔", "台湾", "香港", "法轮", "文革",
+             "习近平", "毛泽东", "审查", "人权", "共产党", "抗议", "民主", "翻墙")
+    for p in load_prompts("builtin:ordinary_zh").prompts:
+        assert not any(w in p for w in words), p
