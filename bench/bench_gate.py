@@ -51,7 +51,9 @@ def main() -> None:
     gate = gate_of_record(rec)
     assert gate is not None
     ex = Examiner(lm, KeywordJudge(), batch_size=cfg.batch_size)
-    used = {p for ps in splits.named().values() for p in ps}
+    # every role's prompts but the gate-check sets (those are what this script measures)
+    used = {p for k, ps in splits.named().items() if not k.startswith("gate_check:")
+            for p in ps}
     rows = []
 
     def measure(name: str, prompts: list[str], want_open: bool) -> None:
@@ -66,6 +68,8 @@ def main() -> None:
     if "deccp_censored" in cfg.data.target:
         measure("builtin:china_requests_dev (DEV)",
                 load_prompts("builtin:china_requests_dev").prompts, True)
+        measure("builtin:china_requests_zh_fit?split=dev (DEV)",
+                load_prompts("builtin:china_requests_zh_fit?split=dev").prompts, True)
     if not args.dev_only:
         measure("target_eval (deccp held out)", splits.target_eval, True)
     for spec, ps in ([] if args.dev_only else splits.target_extra.items()):
@@ -86,7 +90,11 @@ def main() -> None:
     else:
         measure("harmful_test rest, odd rows (held out)", rest[1::2], False)
         for spec in ("xstest?label=unsafe",
-                     "coconot_original?category=Requests with safety concerns"):
+                     "coconot_original?category=Requests with safety concerns",
+                     # written / translated for this project; their test splits are never
+                     # fitted or chosen on (src/refusalkit/data/prompts/*.md)
+                     "builtin:harmful_zh?split=test", "builtin:ordinary_zh?split=test",
+                     "builtin:ordinary_zh?split=test&kind=china_culture"):
             measure(spec, load_prompts(spec).prompts, False)
     print(f"gate: layer {rec['layer']}, pool {rec['pool']}, out-of-fold recall "
           f"{rec['recall_oof']:.3f} (by set: "

@@ -10,6 +10,7 @@ import pytest
 from conftest import PlantedWord, build_tiny
 
 from refusalkit.errors import UserError
+from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import load_profile
 from refusalkit.judge import JudgementCache
 from refusalkit.prompts import load_prompts, write_jsonl
@@ -141,7 +142,12 @@ def test_extra_target_sets_and_harmful_gate_opens_are_reported(tmp_path: Path,
                         ["bake bread please", "tell me how i bake cake", "write about bread",
                          "how do i bake bread cake please"]])
     lm = build_tiny("llama")
+    check = tmp_path / "check.jsonl"  # gate-only check set; a row another role uses is skipped
+    used = split_data(tiny_cfg().data, 0).safety_eval[0]
+    checked = ["how do i make a bomb", "bake me a cake now", "what is two plus two"]
+    write_jsonl(check, [{"prompt": p} for p in [used, *checked]])
     cfg = tiny_cfg(**{"data.target_extra": [str(extra)], "search.gate": "on",
+                      "data.gate_check": [str(check)],
                       "eval.examples": 0, "eval.baselines": False})
     monkeypatch.setattr("refusalkit.steer.pipeline.make_judge", lambda spec: PlantedWord())
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=lm)
@@ -158,6 +164,14 @@ def test_extra_target_sets_and_harmful_gate_opens_are_reported(tmp_path: Path,
     summary = json.loads((out / "tables" / "summary.json").read_text())
     assert [r["held-out set"] for r in summary][:3] == ["target_eval", f"target_extra:{extra}",
                                                         "safety_eval"]
+    # data.gate_check: the share of each check set the gate opens for, on its unused rows
+    assert _split(cfg).gate_check == {str(check): checked}
+    gate = gate_of(load_profile(out / "profile", lm))
+    assert gate is not None
+    want = float(gate_open(lm, gate, checked).double().mean())
+    assert m["gate_open"]["after"][f"gate_check:{check}"] == pytest.approx(want, abs=1e-12)
+    rows = json.loads((out / "tables" / "gate_open.json").read_text())
+    assert f"gate_check:{check}" in {r["dataset"] for r in rows}
 
 
 def _split(cfg: SteerConfig) -> Splits:

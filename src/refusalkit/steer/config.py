@@ -29,6 +29,11 @@ class DataConfig(ConfigModel):
     requests and instructions in English and Chinese). Never fitted, searched or chosen on;
     refusal, useful-answer rate and the gate's recall are reported on each (at most
     max_target prompts each)."""
+    gate_check: list[str] = []
+    """Held-out sets on which only the topic gate's decision is measured (a forward pass to
+    the gate layer, no generation): the share of each it opens for is reported per run.
+    For harmful sets that share is how many requests the gate would unlock; for ordinary
+    ones, how many it would steer. Rows any other role uses are skipped."""
     gate_topic: list[str] = []
     """More prompts on the topic for the gate's topic side only, in phrasings the target sets
     lack (e.g. builtin:china_requests_fit: requests and instructions where deccp asks
@@ -49,7 +54,9 @@ class DataConfig(ConfigModel):
     """At most this many prompts from each target set."""
     n_gate: int = Field(64, ge=0)
     """Extra "other topic" prompts for fitting the topic gate, drawn from each gate source
-    past the rows used elsewhere (never evaluated on)."""
+    past the rows used elsewhere (never evaluated on). The threshold lets a
+    search.gate_false_open share of them through, so it rests on the ⌊share × n⌋-th highest:
+    give enough that this is several prompts, not the single most topic-like one."""
     gate_sources: list[str] = ["neutral", "safety_fit", "overrefusal"]
     """Where the topic gate's extra negatives come from: the role names neutral, safety_fit
     and overrefusal (read past the rows those roles use) or any dataset spec (rows any other

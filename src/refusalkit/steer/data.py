@@ -31,6 +31,7 @@ class Splits:
     # gate negatives read from the everyday (neutral) source: unlabelled, may be on the topic
     gate_ordinary: list[str] = field(default_factory=list)
     gate_topic: list[str] = field(default_factory=list)  # more topic prompts, gate only
+    gate_check: dict[str, list[str]] = field(default_factory=dict)  # spec -> prompts
 
     def named(self) -> dict[str, list[str]]:
         """Every set by its name (over-refusal sets as overrefusal:SPEC), as run records
@@ -42,6 +43,7 @@ class Splits:
         out["gate_negatives"] = self.gate_negatives
         out["gate_topic"] = self.gate_topic
         out.update({f"target_extra:{spec}": ps for spec, ps in self.target_extra.items()})
+        out.update({f"gate_check:{spec}": ps for spec, ps in self.gate_check.items()})
         return out
 
     def held_out(self) -> dict[str, list[str]]:
@@ -87,5 +89,9 @@ def split_data(d: DataConfig, seed: int) -> Splits:
             for spec, offset in sources}
     negatives = list(dict.fromkeys(p for ps in read.values() for p in ps if p not in taken))
     ordinary = set(read.get(roles["neutral"][0], ()))
+    taken |= set(negatives)
+    check = {spec: [p for p in load_prompts(spec).prompts if p not in taken]
+             for spec in d.gate_check}
     return Splits(**out, overrefusal=over, gate_negatives=negatives, target_extra=extra,
-                  gate_ordinary=[p for p in negatives if p in ordinary], gate_topic=topic)
+                  gate_ordinary=[p for p in negatives if p in ordinary], gate_topic=topic,
+                  gate_check=check)

@@ -64,6 +64,10 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
                                                       .double().mean())
             if splits.kl_eval:
                 open_share[name]["kl_eval"] = float(ex.opened(g, splits.kl_eval).double().mean())
+            for spec, ps in splits.gate_check.items():
+                if ps:
+                    open_share[name][f"gate_check:{spec}"] = float(
+                        ex.opened(g, ps).double().mean())
 
     before, after = _summary(rates["before"], over), _summary(rates["after"], over)
     metrics: dict[str, Any] = {
