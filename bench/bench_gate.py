@@ -71,7 +71,7 @@ def main() -> None:
         measure("builtin:china_requests_zh_fit?split=dev (DEV)",
                 load_prompts("builtin:china_requests_zh_fit?split=dev").prompts, True)
     if not args.dev_only:
-        measure("target_eval (deccp held out)", splits.target_eval, True)
+        measure("target_eval (held-out target split)", splits.target_eval, True)
     for spec, ps in ([] if args.dev_only else splits.target_extra.items()):
         measure(spec, ps, True)
         for lang in ("en", "zh"):

@@ -97,6 +97,9 @@ def main() -> None:
             "harmful zh": load_prompts(paths["harmful_zh_b"]).prompts,
         }
         got = {k: f"{int(ex.opened(gate, ps).sum())}/{len(ps)}" for k, ps in dev.items()}
+        for k, name_zh in (("ordinary zh", "ordinary_zh"), ("harmful zh", "harmful_zh")):
+            if any(f"builtin:{name_zh}" in src for src in cfg.data.gate_sources):
+                got[k] += " (fitted on)"  # the whole fit split is a negative: not dev
         by = rec["recall_oof_by_set"]
         rows.append([name, rec["layer"], rec["shrink"], f"{by.get('target_fit', 0):.3f}",
                      f"{by['gate_topic']:.3f}" if "gate_topic" in by else "–",
