@@ -85,3 +85,16 @@ def test_ordinary_chinese_prompts_name_no_sensitive_topic() -> None:
              "习近平", "毛泽东", "审查", "人权", "共产党", "抗议", "民主", "翻墙")
     for p in load_prompts("builtin:ordinary_zh").prompts:
         assert not any(w in p for w in words), p
+
+
+def test_a_filter_can_leave_one_kind_out() -> None:
+    """`field!=value` leaves rows out, with `field=value` beside it: an induce run on cooking
+    can put every everyday Chinese kind but cooking on its gate's other side."""
+    every = load_prompts("builtin:ordinary_zh?split=fit")
+    cooking = every.where(kind="cooking")
+    rest = load_prompts("builtin:ordinary_zh?split=fit&kind!=cooking")
+    assert len(cooking) > 0 and len(rest) + len(cooking) == len(every)
+    assert not set(rest.prompts) & set(cooking.prompts)
+    both = load_prompts("builtin:ordinary_zh?kind!=cooking&kind!=math&split=test")
+    assert {r["kind"] for r in both.rows}.isdisjoint({"cooking", "math"})
+    assert {r["split"] for r in both.rows} == {"test"}

@@ -6,7 +6,8 @@ A spec is one of:
 - `builtin:NAME` for a small set shipped inside the package;
 - a path to a .jsonl (field `prompt`, or --field), .csv (column `prompt`) or .txt (one a line);
 - `hf:org/name[:split]` for a Hugging Face dataset (needs the network).
-Filters `field=value` select rows, e.g. `xstest?label=safe`.
+Filters `field=value` select rows and `field!=value` leave rows out, joined by `&`, e.g.
+`xstest?label=safe` or `builtin:ordinary_zh?split=fit&kind!=cooking`.
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ def _read_file(path: Path, field: str = "prompt") -> list[dict[str, Any]]:
 def load_prompts(spec: str, *, field: str = "prompt", limit: int | None = None) -> PromptSet:
     """Load a prompt set from a spec (see module docstring); never returns an empty set."""
     base, _, query = spec.partition("?")
-    filters = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
+    parts = [part for part in query.split("&") if "=" in part]
+    # `field!=value` leaves rows out (e.g. one kind of an everyday set that is on a topic)
+    unless = [tuple(part.split("!=", 1)) for part in parts if "!=" in part]
+    filters = dict(part.split("=", 1) for part in parts if "!=" not in part)
     if base.startswith("builtin:"):
         name = base.removeprefix("builtin:")
         res = resources.files("refusalkit") / "data" / "prompts" / f"{name}.jsonl"
@@ -136,7 +140,8 @@ def load_prompts(spec: str, *, field: str = "prompt", limit: int | None = None) 
                 "folder (set REFUSALKIT_DATA to the folder holding the .jsonl files)"
             )
     ps = PromptSet(spec, tuple(rows)).where(**filters)
-    ps = PromptSet(spec, ps.rows)
+    ps = PromptSet(spec, tuple(r for r in ps.rows
+                               if all(str(r.get(k)) != v for k, v in unless)))
     if limit is not None:
         ps = ps.take(limit)
     if not ps.rows:
