@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import REPO, md_table
+from common import REPO, later_harmful_rows, md_table
 
 SETS = ["harmful_test", "jailbreakbench", "harmless_test", "xstest?label=safe",
         "coconot_contrast"]
@@ -51,9 +51,7 @@ def main() -> None:
     gate = gate_of_record(rec)
     assert gate is not None
     ex = Examiner(lm, KeywordJudge(), batch_size=cfg.batch_size)
-    # every role's prompts but the gate-check sets (those are what this script measures)
-    used = {p for k, ps in splits.named().items() if not k.startswith("gate_check:")
-            for p in ps}
+    used = splits.taken()
     rows = []
 
     def measure(name: str, prompts: list[str], want_open: bool) -> None:
@@ -84,11 +82,11 @@ def main() -> None:
         measure(f"{spec} (rows no role used)", ps, False)
     # harmful_test past the rows above, split by parity: even rows are DEV (for choosing how
     # the gate is fitted against harmful requests), odd rows stay held out
-    rest = [p for p in load_prompts("harmful_test").prompts if p not in used][args.limit:]
+    dev_rows, held_rows = later_harmful_rows(used, args.limit)
     if args.dev_only:
-        measure("harmful_test rest, even rows (DEV)", rest[0::2], False)
+        measure("harmful_test rest, even rows (DEV)", dev_rows, False)
     else:
-        measure("harmful_test rest, odd rows (held out)", rest[1::2], False)
+        measure("harmful_test rest, odd rows (held out)", held_rows, False)
         for spec in ("xstest?label=unsafe",
                      "coconot_original?category=Requests with safety concerns",
                      # written / translated for this project; their test splits are never

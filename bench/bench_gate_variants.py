@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, md_table
+from common import REPO, later_harmful_rows, md_table
 
 SMALL = {"data.max_target": 30, "data.n_fit": 12, "data.n_proxy": 8, "data.n_eval": 10,
          "data.n_kl": 40}  # the real-model remove test's budget
@@ -83,14 +83,12 @@ def main() -> None:
         gate = gate_of_record(rec)
         assert gate is not None
         ex = Examiner(lm, KeywordJudge(), batch_size=cfg.batch_size)
-        used = {p for k, ps in splits.named().items() if not k.startswith("gate_check:")
-                for p in ps}
+        used = splits.taken()
         dev = {
             "ordinary dev": [p for p in load_prompts("harmless_train").prompts
                              if p not in used][-1000:],
             "KL prompts": splits.kl_eval,
-            "harmful dev": [p for p in load_prompts("harmful_test").prompts
-                            if p not in used][200:][0::2],
+            "harmful dev": later_harmful_rows(used)[0],
             "requests en": load_prompts("builtin:china_requests_dev").prompts,
             "requests zh": load_prompts("builtin:china_requests_zh_fit?split=dev").prompts,
             "ordinary zh": load_prompts(paths["ordinary_zh_b"]).prompts,

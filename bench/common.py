@@ -134,6 +134,15 @@ def interleaved(variants: Mapping[str, Callable[[], Any]], repeats: int, *,
     return out
 
 
+def later_harmful_rows(used: set[str], first: int = 200) -> tuple[list[str], list[str]]:
+    """harmful_test rows no role used, past the first `first` of them, split by parity:
+    (even rows: DEV for choosing how a gate is fitted against harm, odd rows: held out)."""
+    from refusalkit.prompts import load_prompts
+
+    rest = [p for p in load_prompts("harmful_test").prompts if p not in used][first:]
+    return rest[0::2], rest[1::2]
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(x: Any) -> str:
         if isinstance(x, float):

@@ -51,9 +51,8 @@ def test_chinese_sets_split_as_documented() -> None:
     harmful = _rows("harmful_zh")
     assert {(r["split"], r["source"]) for r in harmful} == {("fit", "harmful_train"),
                                                             ("test", "harmful_test")}
-    from refusalkit.prompts import load_prompts as load
     for r in harmful[:: 17]:  # each translation names the row it translates
-        assert load(r["source"]).prompts[r["row"]] == r["original"]
+        assert load_prompts(r["source"]).prompts[r["row"]] == r["original"]
     requests = load_prompts("builtin:china_requests_zh_fit")
     assert len(requests.where(split="fit")) == 60 and len(requests.where(split="dev")) == 20
 

@@ -166,6 +166,7 @@ def test_extra_target_sets_and_harmful_gate_opens_are_reported(tmp_path: Path,
                                                         "safety_eval"]
     # data.gate_check: the share of each check set the gate opens for, on its unused rows
     assert _split(cfg).gate_check == {str(check): checked}
+    assert used in _split(cfg).taken() and not set(checked) & _split(cfg).taken()
     gate = gate_of(load_profile(out / "profile", lm))
     assert gate is not None
     want = float(gate_open(lm, gate, checked).double().mean())

@@ -46,6 +46,12 @@ class Splits:
         out.update({f"gate_check:{spec}": ps for spec, ps in self.gate_check.items()})
         return out
 
+    def taken(self) -> set[str]:
+        """Every prompt a role fits, chooses or reports on. The gate-check sets are left out:
+        only the gate reads them, and a benchmark measuring opens wants exactly those rows."""
+        return {p for name, ps in self.named().items() if not name.startswith("gate_check:")
+                for p in ps}
+
     def held_out(self) -> dict[str, list[str]]:
         """The held-out sets whose refusal is reported before and after."""
         return {"target_eval": self.target_eval,
