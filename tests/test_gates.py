@@ -320,6 +320,37 @@ def test_gate_topic_prompts_join_the_gates_topic_side_only(tiny) -> None:
     assert len(gate_open(tiny, gate, splits.target_fit)) == len(splits.target_fit)
 
 
+def test_gate_target_prompts_join_the_target_side_detector(tiny) -> None:
+    """data.gate_target adds prompts in the target's own phrasing to the gate's target-side
+    detector only: still one detector per topic source, the record counts them as gate-only,
+    and no other role sees them."""
+    from refusalkit.prompts import load_prompts
+    from refusalkit.steer.config import SteerConfig
+    from refusalkit.steer.data import split_data
+    from refusalkit.steer.fit import fit_topic_gate
+
+    repo = Path(__file__).resolve().parents[1]
+    over = {"data.n_gate": 24, "data.gate_topic": ["builtin:china_requests_fit"],
+            "search.gate_per_source": True, "search.gate_detector": "logistic"}
+    base = SteerConfig.load(repo / "configs" / "tiny_steer.toml", over)
+    cfg = SteerConfig.load(repo / "configs" / "tiny_steer.toml", {
+        **over, "data.gate_target": ["builtin:china_questions_fit?split=fit"]})
+    more = load_prompts("builtin:china_questions_fit?split=fit").prompts
+    plain_splits, splits = split_data(base.data, base.seed), split_data(cfg.data, cfg.seed)
+    assert not plain_splits.gate_target and splits.gate_target == more
+    others = {p for role, ps in splits.named().items() if role != "gate_target" for p in ps}
+    assert not others & set(more)
+    plain = fit_topic_gate(tiny, {}, plain_splits, base.search, batch_size=8, seed=0,
+                           show_progress=False)
+    rec = fit_topic_gate(tiny, {}, splits, cfg.search, batch_size=8, seed=0,
+                         show_progress=False)
+    assert rec["n_topic"] == plain["n_topic"] + len(more)
+    assert rec["n_topic_gate_only"] == plain["n_topic_gate_only"] + len(more)
+    assert rec["detectors"] == plain["detectors"] == 2
+    assert set(rec["recall_oof_by_set"]) == {"target_fit", "gate_topic"}
+    assert rec["vector"][0] != plain["vector"][0]  # the target-side detector saw them
+
+
 def test_political_harm_requests_join_the_gates_other_side_as_harmful() -> None:
     """builtin:political_harm_fit named in gate_sources: every one of its prompts is a gate
     negative, and none counts as ordinary (PU cleaning may never set a harmful one aside)."""

@@ -42,7 +42,8 @@ def test_every_shipped_set_loads_is_documented_and_has_no_repeats(name: str) -> 
 def test_chinese_sets_split_as_documented() -> None:
     """ordinary_zh: 200 fit / 100 test with every kind in both; harmful_zh: translations of
     harmful_train (fit) and harmful_test (test) rows, each naming its row; the Chinese
-    topic requests: 60 fit / 20 dev."""
+    topic requests: 60 fit / 20 dev; the topic questions: 180 fit / 60 dev in both
+    languages."""
     ordinary = _rows("ordinary_zh")
     assert sum(r["split"] == "fit" for r in ordinary) == 200
     assert sum(r["split"] == "test" for r in ordinary) == 100
@@ -55,18 +56,25 @@ def test_chinese_sets_split_as_documented() -> None:
         assert load_prompts(r["source"]).prompts[r["row"]] == r["original"]
     requests = load_prompts("builtin:china_requests_zh_fit")
     assert len(requests.where(split="fit")) == 60 and len(requests.where(split="dev")) == 20
+    questions = _rows("china_questions_fit")
+    assert {(lang, split): sum(r["lang"] == lang and r["split"] == split for r in questions)
+            for lang in ("en", "zh") for split in ("fit", "dev")} == {
+        ("en", "fit"): 135, ("en", "dev"): 45, ("zh", "fit"): 45, ("zh", "dev"): 15}
 
 
 def test_nothing_held_out_is_a_near_copy_of_what_runs_fit_or_choose_on() -> None:
     """Held out (never fitted or chosen on): china_requests, ordinary_zh?split=test,
-    harmful_zh?split=test. Fitted or chosen on: the *_fit and *_dev sets and the fit
-    splits. No held-out prompt is within difflib ratio 0.8 of any of those."""
+    harmful_zh?split=test, and deccp (a run holds out a random share of it, so all of it
+    counts). Fitted or chosen on: the *_fit and *_dev sets and the fit splits. No held-out
+    prompt is within difflib ratio 0.8 of any of those."""
     held = [*load_prompts("builtin:china_requests").prompts,
+            *load_prompts("deccp_censored").prompts, *load_prompts("deccp_uncensored").prompts,
             *load_prompts("builtin:ordinary_zh?split=test").prompts,
             *load_prompts("builtin:harmful_zh?split=test").prompts]
     used = [*load_prompts("builtin:china_requests_fit").prompts,
             *load_prompts("builtin:china_requests_dev").prompts,
             *load_prompts("builtin:china_requests_zh_fit").prompts,
+            *load_prompts("builtin:china_questions_fit").prompts,
             *load_prompts("builtin:political_harm_fit").prompts,
             *load_prompts("builtin:ordinary_zh?split=fit").prompts,
             *load_prompts("builtin:harmful_zh?split=fit").prompts]

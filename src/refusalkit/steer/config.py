@@ -34,6 +34,11 @@ class DataConfig(ConfigModel):
     the gate layer, no generation): the share of each it opens for is reported per run.
     For harmful sets that share is how many requests the gate would unlock; for ordinary
     ones, how many it would steer. Rows any other role uses are skipped."""
+    gate_target: list[str] = []
+    """More prompts in the target's own phrasing for the gate's target-side detector only
+    (e.g. builtin:china_questions_fit?split=fit: questions on the topics deccp asks about).
+    A detector fitted on a few dozen questions against hundreds of others recalls too few
+    held-out questions; these are never used for directions, the search or evaluation."""
     gate_topic: list[str] = []
     """More prompts on the topic for the gate's topic side only, in phrasings the target sets
     lack (e.g. builtin:china_requests_fit: requests and instructions where deccp asks

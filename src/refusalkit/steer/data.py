@@ -31,6 +31,7 @@ class Splits:
     # gate negatives read from the everyday (neutral) source: unlabelled, may be on the topic
     gate_ordinary: list[str] = field(default_factory=list)
     gate_topic: list[str] = field(default_factory=list)  # more topic prompts, gate only
+    gate_target: list[str] = field(default_factory=list)  # more target-phrased, gate only
     gate_check: dict[str, list[str]] = field(default_factory=dict)  # spec -> prompts
 
     def named(self) -> dict[str, list[str]]:
@@ -42,6 +43,7 @@ class Splits:
         out.update({f"overrefusal:{spec}": ps for spec, ps in self.overrefusal.items()})
         out["gate_negatives"] = self.gate_negatives
         out["gate_topic"] = self.gate_topic
+        out["gate_target"] = self.gate_target
         out.update({f"target_extra:{spec}": ps for spec, ps in self.target_extra.items()})
         out.update({f"gate_check:{spec}": ps for spec, ps in self.gate_check.items()})
         return out
@@ -88,9 +90,14 @@ def split_data(d: DataConfig, seed: int) -> Splits:
              "overrefusal": [(spec, d.n_eval) for spec in d.overrefusal]}
     sources = [src for name in d.gate_sources for src in roles.get(name, [(name, 0)])]
     taken = {p for ps in [*out.values(), *over.values(), *extra.values()] for p in ps}
-    topic = list(dict.fromkeys(p for spec in d.gate_topic for p in load_prompts(spec).prompts
-                               if p not in taken))
+    def gate_only(specs: list[str]) -> list[str]:
+        return list(dict.fromkeys(p for spec in specs for p in load_prompts(spec).prompts
+                                  if p not in taken))
+
+    topic = gate_only(d.gate_topic)
     taken |= set(topic)
+    target_more = gate_only(d.gate_target)
+    taken |= set(target_more)
     read = {(spec, offset): load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
             for spec, offset in sources}
     negatives = list(dict.fromkeys(p for ps in read.values() for p in ps if p not in taken))
@@ -100,4 +107,4 @@ def split_data(d: DataConfig, seed: int) -> Splits:
              for spec in d.gate_check}
     return Splits(**out, overrefusal=over, gate_negatives=negatives, target_extra=extra,
                   gate_ordinary=[p for p in negatives if p in ordinary], gate_topic=topic,
-                  gate_check=check)
+                  gate_target=target_more, gate_check=check)

@@ -160,12 +160,18 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
         return torch.stack(out)
 
     # rows phrasing-major: row i is prompt i % n of its set, in phrasing i // n
+    # topic sources: the target's phrasing (its fitting prompts plus data.gate_target's) and,
+    # with data.gate_topic, the other phrasing
     topic = ["target_fit"] + (["gate_topic"] if data["gate_topic"] else [])
-    pos = torch.cat([read(n) for n in topic], dim=1).flatten(0, 1)
+    members = {"target_fit": ["target_fit"] + (["gate_target"] if data["gate_target"] else []),
+               "gate_topic": ["gate_topic"]}
+    sets = [m for n in topic for m in members[n]]
+    pos = torch.cat([read(n) for n in sets], dim=1).flatten(0, 1)
     neg = torch.cat([read(n) for n in names], dim=1).flatten(0, 1)
-    n_pos, n_neg, k = sum(len(data[n]) for n in topic), len(texts), len(phrasings)
+    n_pos, n_neg, k = sum(len(data[n]) for n in sets), len(texts), len(phrasings)
     # each topic row's source (phrasing-major like pos), so the layer must hold on each
-    source = torch.cat([torch.full((len(data[n]),), i) for i, n in enumerate(topic)])
+    source = torch.cat([torch.full((len(data[m]),), i) for i, n in enumerate(topic)
+                        for m in members[n]])
     groups = (torch.arange(n_pos).repeat(k), torch.arange(n_neg).repeat(k)) if k > 1 else None
     fit = fit_gate(pos, neg, layers, max_false_open=search.gate_false_open, pool=pool,
                    seed=seed, ordinary=ordinary.repeat(k), groups=groups,
@@ -179,7 +185,8 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
             "margin_z": fit.margin_z, "shrink": fit.shrink,
             "recall_oof_by_set": dict(zip(topic, fit.recall_by, strict=True)),
-            "n_topic": n_pos, "n_other": n_neg, "n_topic_gate_only": len(data["gate_topic"]),
+            "n_topic": n_pos, "n_other": n_neg,
+            "n_topic_gate_only": len(data["gate_topic"]) + len(data["gate_target"]),
             "dropped_ordinary": [texts[i] for i in dropped], "layers": fit.table,
             "detectors": 1 if fit.gate.vector.ndim == 1 else fit.gate.vector.shape[0],
             **({"phrasings": search.gate_phrasings} if search.gate_phrasings else {})}
