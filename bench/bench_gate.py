@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200, help="prompts per other set")
     ap.add_argument("--dev-only", action="store_true",
                     help="measure the dev set only (while choosing how to fit the gate)")
+    ap.add_argument("--ordinary-zh", default="builtin:ordinary_zh?",
+                    help="the everyday Chinese prompts to count opens on (an induce topic "
+                         "leaves its own kind out: builtin:ordinary_zh?kind!=cooking&)")
     args = ap.parse_args()
 
     from refusalkit.config import parse_set
@@ -68,8 +71,16 @@ def main() -> None:
                 load_prompts("builtin:china_requests_dev").prompts, True)
         measure("builtin:china_requests_zh_fit?split=dev (DEV)",
                 load_prompts("builtin:china_requests_zh_fit?split=dev").prompts, True)
+        for lang in ("en", "zh"):  # questions, as deccp asks (china_questions_fit.md)
+            spec = f"builtin:china_questions_fit?split=dev&lang={lang}"
+            measure(f"{spec} (DEV)", load_prompts(spec).prompts, True)
     if not args.dev_only:
         measure("target_eval (held-out target split)", splits.target_eval, True)
+        if len(cfg.data.target) > 1:  # by source: deccp_uncensored is what the model answers
+            for spec in cfg.data.target:
+                mine = set(load_prompts(spec).prompts)
+                measure(f"target_eval ({spec})", [p for p in splits.target_eval if p in mine],
+                        True)
     for spec, ps in ([] if args.dev_only else splits.target_extra.items()):
         measure(spec, ps, True)
         for lang in ("en", "zh"):
@@ -83,16 +94,22 @@ def main() -> None:
     # harmful_test past the rows above, split by parity: even rows are DEV (for choosing how
     # the gate is fitted against harmful requests), odd rows stay held out
     dev_rows, held_rows = later_harmful_rows(used, args.limit)
+    zh = args.ordinary_zh if args.ordinary_zh.endswith(("?", "&")) else args.ordinary_zh + "&"
     if args.dev_only:
         measure("harmful_test rest, even rows (DEV)", dev_rows, False)
+        # the Chinese sets' fit splits are dev: rows the gate did not fit on (n_gate) count
+        for spec in (f"{zh}split=fit", "builtin:harmful_zh?split=fit"):
+            ps = [p for p in load_prompts(spec).prompts if p not in used]
+            if ps:
+                measure(f"{spec} (rows no role used, DEV)", ps, False)
     else:
         measure("harmful_test rest, odd rows (held out)", held_rows, False)
         for spec in ("xstest?label=unsafe",
                      "coconot_original?category=Requests with safety concerns",
                      # written / translated for this project; their test splits are never
                      # fitted or chosen on (src/refusalkit/data/prompts/*.md)
-                     "builtin:harmful_zh?split=test", "builtin:ordinary_zh?split=test",
-                     "builtin:ordinary_zh?split=test&kind=china_culture"):
+                     "builtin:harmful_zh?split=test", f"{zh}split=test",
+                     f"{zh}split=test&kind=china_culture"):
             measure(spec, load_prompts(spec).prompts, False)
     print(f"gate: layer {rec['layer']}, pool {rec['pool']}, out-of-fold recall "
           f"{rec['recall_oof']:.3f} (by set: "
