@@ -4,6 +4,8 @@ judging: the gate decides from pooled prompt states, so this takes a few minutes
 
     python bench/bench_gate.py                                   # configs/steer_qwen.toml
     python bench/bench_gate.py --config C --set search.gate_max_layer=0.6
+    python bench/bench_gate.py --config configs/induce_qwen.toml \
+        --ordinary-zh 'builtin:ordinary_zh?kind!=cooking'    # an induce topic's own kind out
 
 Targets: recall ≥ 0.9 on every target_extra set (and ≥ 0.95 on the held-out target split),
 opens on held-out harmful prompts (harmful_test, JailbreakBench) ≤ 2 %. Evaluation sets are
