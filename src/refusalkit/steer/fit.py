@@ -160,18 +160,16 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
         return torch.stack(out)
 
     # rows phrasing-major: row i is prompt i % n of its set, in phrasing i // n
-    # topic sources: the target's phrasing (its fitting prompts plus data.gate_target's) and,
-    # with data.gate_topic, the other phrasing
+    # topic sets and their source: 0 the target's phrasing (its fitting prompts and
+    # data.gate_target's), 1 the other phrasing (data.gate_topic)
     topic = ["target_fit"] + (["gate_topic"] if data["gate_topic"] else [])
-    members = {"target_fit": ["target_fit"] + (["gate_target"] if data["gate_target"] else []),
-               "gate_topic": ["gate_topic"]}
-    sets = [m for n in topic for m in members[n]]
-    pos = torch.cat([read(n) for n in sets], dim=1).flatten(0, 1)
+    sets = [(n, i) for n, i in (("target_fit", 0), ("gate_target", 0), ("gate_topic", 1))
+            if n == "target_fit" or data[n]]
+    pos = torch.cat([read(n) for n, _ in sets], dim=1).flatten(0, 1)
     neg = torch.cat([read(n) for n in names], dim=1).flatten(0, 1)
-    n_pos, n_neg, k = sum(len(data[n]) for n in sets), len(texts), len(phrasings)
+    n_pos, n_neg, k = sum(len(data[n]) for n, _ in sets), len(texts), len(phrasings)
     # each topic row's source (phrasing-major like pos), so the layer must hold on each
-    source = torch.cat([torch.full((len(data[m]),), i) for i, n in enumerate(topic)
-                        for m in members[n]])
+    source = torch.cat([torch.full((len(data[n]),), i) for n, i in sets])
     groups = (torch.arange(n_pos).repeat(k), torch.arange(n_neg).repeat(k)) if k > 1 else None
     fit = fit_gate(pos, neg, layers, max_false_open=search.gate_false_open, pool=pool,
                    seed=seed, ordinary=ordinary.repeat(k), groups=groups,
