@@ -87,6 +87,48 @@ def test_the_false_open_share_holds_within_every_phrasing() -> None:
     assert all(int((neg[strata == s] > per).sum()) <= 4 for s in (0, 1))
     assert abs(recall - 2 / 3) < 1e-9
 
+def test_a_union_of_detectors_spends_its_budget_where_it_buys_recall() -> None:
+    """Two detectors, one threshold each: detector 1's negatives run higher than detector 0's,
+    so one shared threshold (the highest negative of either) shuts out every topic prompt
+    that only detector 0 reads; per-detector thresholds open them, and the union still lets
+    through no more negatives than the budget, in each stratum."""
+    from refusalkit.gates import _union_thresholds
+
+    nz = torch.stack([torch.linspace(-3, 1, 100), torch.linspace(-3, 5, 100)]).double()
+    pz = torch.stack([torch.tensor([2.0, 3.0, 4.0, 0.0, 0.0, 0.0]),
+                      torch.tensor([0.0, 0.0, 0.0, 6.0, 7.0, 8.0])]).double()
+    src = torch.tensor([0, 0, 0, 1, 1, 1])
+    shared = float(nz.amax(0).max())
+    assert (pz.amax(0)[src == 0] > shared).sum() == 0  # the old rule: source 0 all shut
+    ts, opened, margin = _union_thresholds(pz, nz, 0.0, None, src)
+    assert bool(opened.all()) and 1 < ts[0] < 2 and 5 < ts[1] < 6 and margin > 0.9
+    assert not (nz > torch.tensor(ts, dtype=torch.float64)[:, None]).any()
+    strata = torch.arange(2).repeat(50)  # 2 % of each stratum: one negative each
+    ts, opened, _ = _union_thresholds(pz, nz, 0.02, strata, src)
+    shut = (nz > torch.tensor(ts, dtype=torch.float64)[:, None]).any(0)
+    assert all(int(shut[strata == s].sum()) <= 1 for s in (0, 1)) and bool(opened.all())
+
+
+def test_per_detector_thresholds_never_read_a_source_worse_than_a_shared_one() -> None:
+    """fit_gate(per_detector=True) searches a set of thresholds that holds the shared one's
+    solution, so its worst source's out-of-fold recall is at least the shared rule's; here,
+    where the second detector's negatives run high, it is higher, at the same budget."""
+    g = torch.Generator().manual_seed(3)
+    pos = torch.randn(120, 1, 16, generator=g)
+    pos[:60, 0, 0] += 3.0  # source 0: one axis
+    pos[60:, 0, 1] += 6.0  # source 1: another, read far more easily
+    neg = torch.randn(300, 1, 16, generator=g)
+    neg[:6, 0, 1] += 5.0  # a few negatives that look like source 1
+    src = torch.arange(2).repeat_interleave(60)
+    kw = {"pos_strata": src, "per_source": True, "detector": "logistic",
+          "max_false_open": 0.01}
+    shared = fit_gate(pos, neg, [2], **kw)
+    per = fit_gate(pos, neg, [2], per_detector=True, **kw)
+    assert min(per.recall_by) > min(shared.recall_by)
+    assert isinstance(per.gate.threshold, tuple) and len(per.gate.threshold) == 2
+    assert per.leak <= wilson_upper(3, 300) + 1e-12  # the union still lets at most 3 through
+
+
 def test_fit_gate_needs_enough_prompts() -> None:
     pos, neg = _synthetic(2, 50)
     with pytest.raises(UserError, match="topic gate needs"):
@@ -229,6 +271,55 @@ def test_gate_pooling_survives_the_profile_artifact(tiny, tmp_path: Path) -> Non
         Gate(1, torch.randn(64), 0.0, "max")  # type: ignore[arg-type]
 
 
+def test_a_veto_shuts_the_gate_and_survives_the_artifact(tiny, tmp_path: Path) -> None:
+    """Gate.veto: open where a detector passes and the veto does not; the one decision
+    `gate_open` and the hook share, kept through the profile artifact and the run record."""
+    from refusalkit.steer.fit import gate_of_record
+
+    e0, e1 = torch.eye(64)[0], torch.eye(64)[1]
+    gate = Gate(1, e0, 1.0, "mean", e1, 1.0)
+    feats = torch.zeros(3, 64)
+    feats[0, 0] = feats[1, 0] = feats[1, 1] = 2.0  # topic; topic and harmful; neither
+    assert gate.decide(feats).tolist() == [True, False, False]
+    assert Gate(1, e0, 1.0, "mean").decide(feats).tolist() == [True, True, False]
+    save_profile(Profile((addition({2: torch.randn(64)}, 0.5, gate=gate),)), tmp_path / "p",
+                 tiny)
+    back = gate_of(load_profile(tmp_path / "p", tiny))
+    assert back is not None and back.veto is not None
+    assert back.decide(feats).tolist() == [True, False, False]
+    rec = {**gate.record(), "vector": e0.tolist(), "veto": e1.tolist()}
+    again = gate_of_record(rec)
+    assert again is not None and again.decide(feats).tolist() == [True, False, False]
+
+
+def test_fit_gate_with_a_veto_opens_wider_and_keeps_the_harmful_look_alikes_shut() -> None:
+    """Harmful negatives that sit on the topic's side of its axis (and apart on another):
+    the negatives the veto shuts leave the false-open budget, so the topic detector opens
+    wider; the veto shuts about the asked share of topic prompts out of fold, fresh
+    look-alikes stay shut and fresh topic prompts open."""
+    g = torch.Generator().manual_seed(1)
+    d = 16
+
+    def draw(n: int, topic: float, harm: float) -> torch.Tensor:
+        x = torch.randn(n, 1, d, generator=g)
+        x[:, 0, 0] += topic
+        x[:, 0, 1] += harm
+        return x
+
+    pos, ordinary = draw(80, 5.0, 0.0), draw(200, 0.0, 0.0)
+    harmful = draw(40, 5.0, 4.0)
+    neg = torch.cat([ordinary, harmful])
+    is_harm = torch.arange(len(neg)) >= len(ordinary)
+    plain = fit_gate(pos, neg, [2], detector="logistic")
+    vetoed = fit_gate(pos, neg, [2], detector="logistic", veto=is_harm, veto_share=0.05)
+    assert vetoed.gate.veto is not None and plain.gate.veto is None
+    assert abs(vetoed.vetoed - 0.05) <= 1 / len(pos) + 1e-9
+    assert vetoed.recall > plain.recall + 0.1  # 0.91 against 0.72 here: budget freed
+    fresh_harm, fresh_topic = draw(100, 5.0, 4.0)[:, 0], draw(100, 5.0, 0.0)[:, 0]
+    assert int(vetoed.gate.decide(fresh_harm).sum()) <= 2
+    assert float(vetoed.gate.decide(fresh_topic).double().mean()) > 0.8
+
+
 def test_a_prompts_phrasings_share_a_fold_so_twins_cannot_inflate_recall() -> None:
     """With each prompt present in several phrasings, a fold that holds one copy and trains
     on its twin scores a memorised prompt, not the topic. Positives here carry no topic
@@ -349,6 +440,69 @@ def test_gate_target_prompts_join_the_target_side_detector(tiny) -> None:
     assert rec["detectors"] == plain["detectors"] == 2
     assert set(rec["recall_oof_by_set"]) == {"target_fit", "gate_topic"}
     assert rec["vector"][0] != plain["vector"][0]  # the target-side detector saw them
+
+
+def test_gate_per_language_gives_each_sources_chinese_prompts_a_detector(tiny) -> None:
+    """search.gate_per_language: a source's Chinese prompts get their own detector (one per
+    (source, script) that has prompts), the record's recall is by that split, and the key
+    without gate_per_source is refused with a line saying what to set."""
+    from refusalkit.prompts import cjk_share
+    from refusalkit.steer.config import SteerConfig
+    from refusalkit.steer.data import split_data
+    from refusalkit.steer.fit import fit_topic_gate, gate_of_record
+
+    repo = Path(__file__).resolve().parents[1]
+    over = {"data.n_gate": 24, "search.gate_per_source": True,
+            "search.gate_detector": "logistic",
+            "data.gate_topic": ["builtin:china_requests_fit",
+                                "builtin:china_requests_zh_fit?split=fit"]}
+    cfg = SteerConfig.load(repo / "configs" / "tiny_steer.toml",
+                           {**over, "search.gate_per_language": True})
+    splits = split_data(cfg.data, cfg.seed)
+    groups = {(name, cjk_share(p) > 0.5) for name in ("target_fit", "gate_topic")
+              for p in getattr(splits, name)}
+    assert ("gate_topic", True) in groups and ("gate_topic", False) in groups
+    rec = fit_topic_gate(tiny, {}, splits, cfg.search, batch_size=8, seed=0,
+                         show_progress=False)
+    gate = gate_of_record(rec)
+    assert gate is not None and rec["detectors"] == len(groups) == gate.vector.shape[0]
+    assert len(rec["recall_oof_by_set"]) == len(groups)
+    assert {"gate_topic", "gate_topic/zh"} <= set(rec["recall_oof_by_set"])
+    assert cjk_share("讲讲天安门事件。") == 1.0 and cjk_share("Tell me about 1989.") == 0.0
+    with pytest.raises(UserError, match="gate_per_source = true"):
+        SteerConfig.load(repo / "configs" / "tiny_steer.toml",
+                         {**over, "search.gate_per_source": False,
+                          "search.gate_per_language": True})
+
+
+def test_steer_gate_veto_is_fitted_on_the_must_stay_shut_negatives(tiny) -> None:
+    """search.gate_veto: the run's gate record carries the veto (vector, threshold, the share
+    it shuts out of fold), and the gate read back from it applies it."""
+    from refusalkit.steer.config import SteerConfig
+    from refusalkit.steer.data import split_data
+    from refusalkit.steer.fit import fit_topic_gate, gate_inputs, gate_of_record
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = SteerConfig.load(repo / "configs" / "tiny_steer.toml",
+                           {"data.n_gate": 24, "search.gate_veto": 0.1})
+    splits = split_data(cfg.data, cfg.seed)
+    _, _, texts, ordinary = gate_inputs(tiny, splits, cfg.search)
+    assert 0 < int((~ordinary).sum()) < len(texts)  # something must stay shut
+    rec = fit_topic_gate(tiny, {}, splits, cfg.search, batch_size=8, seed=0,
+                         show_progress=False)
+    assert rec["veto_share"] == 0.1 and len(rec["veto"]) == tiny.hidden_size
+    assert abs(rec["vetoed_oof"] - 0.1) <= 1 / rec["n_topic"] + 1e-9
+    gate = gate_of_record(rec)
+    assert gate is not None and gate.veto is not None
+    plain = fit_topic_gate(tiny, {}, splits, cfg.search.model_copy(update={"gate_veto": 0.0}),
+                           batch_size=8, seed=0, show_progress=False)
+    assert "veto" not in plain and gate_of_record(plain).veto is None  # type: ignore[union-attr]
+    from dataclasses import replace
+
+    prompts = splits.target_fit + splits.safety_fit
+    with_veto = gate_open(tiny, gate, prompts)
+    without = gate_open(tiny, replace(gate, veto=None), prompts)
+    assert not (with_veto & ~without).any()  # the veto only ever shuts
 
 
 def test_political_harm_requests_join_the_gates_other_side_as_harmful() -> None:

@@ -21,6 +21,9 @@ Choices, written down:
   negative allowed to stay below it (`max_false_open`; 0 = all of them) and the lowest
   out-of-fold topic score above that one (widest margin), then is mapped back through the
   all-data fit's statistics.
+  A union of detectors (one per topic source) shares that threshold on their standardised
+  scores, or (`per_detector`) gets one each, chosen together so the union's false opens
+  stay within the budget and the worst source's recall is highest.
 - Layer: the highest out-of-fold recall at that threshold; ties go to the larger margin.
 - Ordinary negatives are unlabelled, not negative: a pool of everyday prompts holds some
   on the topic itself (harmless_train has ~480 cooking requests in 18,800; CoCoNot's contrast
@@ -37,6 +40,7 @@ Choices, written down:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,6 +83,7 @@ class GateFit:
     table: list[dict[str, float]]  # one row per candidate layer (best shrink)
     dropped: tuple[int, ...] = ()  # ordinary negatives taken for unlabelled topic prompts
     recall_by: tuple[float, ...] = ()  # out-of-fold recall per topic stratum (pos_strata)
+    vetoed: float = 0.0  # out-of-fold share of topic prompts the harm veto shut
 
 
 def _folds(n: int, k: int, gen: torch.Generator,
@@ -98,6 +103,9 @@ def _fit(pos: torch.Tensor, neg: torch.Tensor, shrink: float,
     v = DETECTORS[detector][0](pos, neg, shrink)
     proj = neg.double() @ v.double()
     return v, float(proj.mean()), float(proj.std().clamp_min(1e-12))
+
+
+SHUT = -1e9  # out-of-fold score of a prompt the veto shuts: below every threshold
 
 
 def wilson_upper(k: int, n: int, z: float = 1.645) -> float:
@@ -129,13 +137,54 @@ def _threshold(pos_z: torch.Tensor, neg_z: torch.Tensor, max_false_open: float,
     return (top + low) / 2, float((pos_z > top).double().mean()), low - top
 
 
+def _union_thresholds(pz: torch.Tensor, nz: torch.Tensor, max_false_open: float,
+                      strata: torch.Tensor | None, pos_strata: torch.Tensor
+                      ) -> tuple[list[float], torch.Tensor, float]:
+    """Per-detector thresholds for a union of k detectors ([k, n] scores): the false-open
+    budget is spent where it buys the most recall. One shared threshold spends it on
+    whichever detector's negatives run highest; on the China gate that was the requests
+    detector, and out-of-fold question recall was 0.71 where the question detector alone,
+    at the same budget, kept 0.92. Held out it moved along the trade-off rather than past
+    it (more questions, fewer requests, more harmful opens; RESULTS.md). Searched: each
+    detector letting through 0…budget of its top negatives, the union's opens within
+    budget (in every stratum); kept: the best worst-source recall, then total recall, then
+    margin. Each threshold then sits halfway to its detector's next topic score. Returns
+    (thresholds, topic rows opened, margin)."""
+    k = pz.shape[0]
+    masks = ([torch.ones(nz.shape[1], dtype=torch.bool)] if strata is None
+             else [strata == s for s in strata.unique()])
+    caps = [int(max_false_open * int(m.sum())) for m in masks]
+    top = [nz[d].sort(descending=True).values[:max(caps) + 1] for d in range(k)]
+    best: tuple | None = None
+    for ranks in itertools.product(*(range(len(t)) for t in top)):
+        t = torch.stack([top[d][r] for d, r in enumerate(ranks)]).unsqueeze(1)
+        shut = (nz > t).any(0)
+        if any(int(shut[m].sum()) > c for m, c in zip(masks, caps, strict=True)):
+            continue
+        opened = (pz > t).any(0)
+        by = [float(opened[pos_strata == s].double().mean()) for s in pos_strata.unique()]
+        key = (min(by), float(opened.double().mean()))
+        if best is None or key > best[0]:
+            best = (key, t.squeeze(1), opened)
+    assert best is not None  # every detector at its top negative passes no negative
+    mids, margins = [], []
+    for d in range(k):
+        t_d = float(best[1][d])
+        above = pz[d][pz[d] > t_d]
+        low = float(above.min()) if len(above) else t_d + 2e-6
+        mids.append((t_d + low) / 2)
+        margins.append(low - t_d)
+    return mids, best[2], min(margins)
+
+
 def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
              max_false_open: float = 0.0, pool: str = "last", folds: int = 4,
              seed: int = 0, ordinary: torch.Tensor | None = None,
              groups: tuple[torch.Tensor, torch.Tensor] | None = None,
              strata: torch.Tensor | None = None,
              pos_strata: torch.Tensor | None = None, per_source: bool = False,
-             detector: str = "lda") -> GateFit:
+             detector: str = "lda", veto: torch.Tensor | None = None,
+             veto_share: float = 0.0, per_detector: bool = False) -> GateFit:
     """Fit a topic gate from [n, L, d] topic (`pos`) and other (`neg`) activations, where
     axis 1 indexes `layers` (model layer numbers) and the features were read as `pool`
     says (see `pool_position`). `ordinary` [n_neg] bool marks everyday negatives that may
@@ -148,10 +197,15 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     by the other's numbers. `per_source` fits one detector per topic source (the gate opens
     when any passes: a union of linear detectors, for sources one direction cannot cover);
     each detector's score is standardised on its own negatives and the one threshold is set
-    on the highest, so the false-open budget holds for the union, not per detector.
+    on the highest, so the false-open budget holds for the union; with `per_detector` each
+    gets its own threshold, chosen jointly under the same budget (_union_thresholds).
     `detector` picks each direction's estimator and λ grid from DETECTORS: "lda"
     (ridge-LDA) or "logistic" (L2 logistic regression); both are linear, so the gate, its
-    hook and its artifact are the same either way."""
+    hook and its artifact are the same either way. `veto` [n_neg] bool marks the negatives
+    that must stay shut (harmful requests): with `veto_share` > 0 a second direction at the
+    same layer, those against the topic, shuts the gate where it passes the threshold that
+    leaves `veto_share` of the topic's prompts (out of fold) shut; the negatives it shuts no
+    longer count against the false-open budget (Gate.veto)."""
     if detector not in DETECTORS:
         raise UserError(f"unknown gate detector '{detector}'; use {' or '.join(DETECTORS)}")
     if per_source and pos_strata is None:
@@ -160,6 +214,7 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     if pos.shape[0] < folds or neg.shape[0] < folds:
         raise UserError(f"a topic gate needs at least {folds} topic and {folds} other prompts "
                         f"(got {pos.shape[0]} and {neg.shape[0]})")
+    vetoing = veto is not None and veto_share > 0 and bool(veto.any())
     gen = torch.Generator().manual_seed(seed)
     pg, ng = groups if groups is not None else (None, None)
     p_folds, n_folds = _folds(len(pos), folds, gen, pg), _folds(len(neg), folds, gen, ng)
@@ -169,8 +224,10 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
         p, n = pos[:, slot].double(), neg[:, slot].double()
         layer_best: tuple | None = None
         for shrink in DETECTORS[detector][1]:
-            pz, nz = torch.empty(len(p), dtype=torch.float64), torch.empty(len(n),
-                                                                          dtype=torch.float64)
+            pz = torch.empty(len(sources), len(p), dtype=torch.float64)
+            nz = torch.empty(len(sources), len(n), dtype=torch.float64)
+            vp = torch.full((len(p),), -math.inf, dtype=torch.float64)
+            vn = torch.full((len(n),), -math.inf, dtype=torch.float64)
             for pf, nf in zip(p_folds, n_folds, strict=True):
                 train = torch.ones(len(p), dtype=torch.bool).index_fill_(0, pf, False)
                 n_tr = n[torch.ones(len(n), dtype=torch.bool).index_fill_(0, nf, False)]
@@ -180,21 +237,48 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
                     v, mu, sd = _fit(p[rows], n_tr, shrink, detector)
                     zp.append((p[pf] @ v.double() - mu) / sd)
                     zn.append((n[nf] @ v.double() - mu) / sd)
-                pz[pf] = torch.stack(zp).amax(0)
-                nz[nf] = torch.stack(zn).amax(0)
-            drop = (ordinary & (nz >= pz.median()) if ordinary is not None
-                     else torch.zeros(len(nz), dtype=torch.bool))
-            kept = nz[~drop]
-            t, recall, margin = _threshold(pz, kept, max_false_open,
-                                           None if strata is None else strata[~drop])
-            by = (tuple(float((pz[pos_strata == k] > t).double().mean())
+                pz[:, pf] = torch.stack(zp)
+                nz[:, nf] = torch.stack(zn)
+                if vetoing:  # harmful negatives against the topic, scaled on the topic
+                    assert veto is not None
+                    h_tr = veto.clone().index_fill_(0, nf, False)
+                    v, mu, sd = _fit(n[h_tr], p[train], shrink, detector)
+                    vp[pf] = (p[pf] @ v.double() - mu) / sd
+                    vn[nf] = (n[nf] @ v.double() - mu) / sd
+            p_any, n_any = pz.amax(0), nz.amax(0)
+            drop = (ordinary & (n_any >= p_any.median()) if ordinary is not None
+                     else torch.zeros(len(n_any), dtype=torch.bool))
+            # the veto's threshold leaves veto_share of the topic shut; what it shuts cannot
+            # open, so shut topic rows count as missed and shut negatives leave the budget
+            veto_z = (float(vp.sort(descending=True).values[int(veto_share * len(vp))])
+                      if vetoing else math.inf)
+            # (shut negatives stay in the budget's denominator: it is a share of all others)
+            p_shut, n_shut = vp > veto_z, vn > veto_z
+            pz, p_any = pz.masked_fill(p_shut, SHUT), p_any.masked_fill(p_shut, SHUT)
+            nz, n_any = nz.masked_fill(n_shut, SHUT), n_any.masked_fill(n_shut, SHUT)
+            drop = drop & ~n_shut  # PU-cleaned everyday prompts (recorded)
+            kept_strata = None if strata is None else strata[~drop]
+            if len(sources) == 1 or not per_detector:
+                t, recall, margin = _threshold(p_any, n_any[~drop], max_false_open,
+                                               kept_strata)
+                ts, opened = [t] * len(sources), p_any > t
+            else:  # a union of detectors: one threshold each (see _union_thresholds)
+                assert pos_strata is not None
+                ts, opened, margin = _union_thresholds(pz, nz[:, ~drop], max_false_open,
+                                                       kept_strata, pos_strata)
+                recall = float(opened.double().mean())
+            by = (tuple(float(opened[pos_strata == k].double().mean())
                         for k in pos_strata.unique()) if pos_strata is not None else (recall,))
             key = (min(by), recall, margin)
+            n_open = (nz[:, ~drop] > torch.tensor(ts, dtype=torch.float64)[:, None]).any(0)
             row = {"layer": layer, "shrink": shrink, "recall": recall, "margin_z": margin,
                    "recall_by": list(by),
-                   "auc": auc(pz, kept), "threshold_z": t,
-                   "leak": wilson_upper(int((kept > t).sum()), len(kept)),
-                   "dropped": int(drop.sum())}
+                   "auc": auc(p_any, n_any[~drop]),
+                   "threshold_z": ts[0] if len(ts) == 1 else ts,
+                   "leak": wilson_upper(int(n_open.sum()), int((~drop).sum())),
+                   "dropped": int(drop.sum()),
+                   **({"veto_z": veto_z, "vetoed": float(p_shut.double().mean())}
+                      if vetoing else {})}
             if layer_best is None or key > layer_best[0]:
                 layer_best = (key, row, drop)
         assert layer_best is not None
@@ -204,15 +288,23 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, layers: Sequence[int], *,
     assert best is not None
     row, slot, drop = best[1], best[2], best[3]
     vs, ts = [], []
-    for src in sources:  # as in the folds: each detector on its own scale
+    tz = row["threshold_z"] if isinstance(row["threshold_z"], list) else [row["threshold_z"]]
+    for src, z in zip(sources, tz, strict=True):  # as in the folds: each on its own scale
         rows = slice(None) if src is None else pos_strata == src
         v, mu, sd = _fit(pos[rows, slot], neg[:, slot], row["shrink"], detector)
         vs.append(v)
-        ts.append(mu + row["threshold_z"] * sd)
+        ts.append(mu + z * sd)
+    veto_v, veto_t = None, math.inf
+    if vetoing:  # as in the folds: every harmful negative against every topic prompt
+        assert veto is not None
+        veto_v, mu, sd = _fit(neg[veto, slot], pos[:, slot], row["shrink"], detector)
+        veto_t = mu + row["veto_z"] * sd
     gate = Gate(int(row["layer"]), vs[0] if len(vs) == 1 else torch.stack(vs),
-                ts[0] if len(ts) == 1 else tuple(ts), pool)  # type: ignore[arg-type]
+                ts[0] if len(ts) == 1 else tuple(ts), pool,  # type: ignore[arg-type]
+                veto_v, veto_t)
     return GateFit(gate, row["recall"], row["margin_z"], row["leak"], row["shrink"], table,
-                   tuple(torch.nonzero(drop).flatten().tolist()), tuple(row["recall_by"]))
+                   tuple(torch.nonzero(drop).flatten().tolist()), tuple(row["recall_by"]),
+                   row.get("vetoed", 0.0))
 
 
 def pool_position(pool: str) -> int | str:

@@ -15,6 +15,7 @@ always removes its hooks, on exit and on exception.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -54,13 +55,18 @@ class Gate:
     topic detector can switch a behaviour vector on for one topic and leave others alone.
     A gate may hold several detectors at its layer (`vector` [k, d], one threshold each): it
     opens when any of them passes, e.g. one for the topic asked as questions and one for it
-    given as instructions (gates.fit_gate's per-source fit).
+    given as instructions (gates.fit_gate's per-source fit). A `veto` detector at the same
+    layer shuts it again where the prompt reads as a harmful request (projection above
+    `veto_threshold`): a two-sided gate, for a topic whose look-alike harmful requests one
+    direction cannot keep out.
     """
 
     layer: int
     vector: torch.Tensor  # [d], or [k, d] for k detectors
     threshold: float | tuple[float, ...]
     pool: Literal["last", "mean", "user"] = "last"  # last token, mean over prompt / user text
+    veto: torch.Tensor | None = None  # [d]
+    veto_threshold: float = math.inf
 
     def __post_init__(self) -> None:
         if self.pool not in ("last", "mean", "user"):
@@ -76,18 +82,33 @@ class Gate:
         return tuple(float(x) for x in t) if isinstance(t, (tuple, list)) else (float(t),)
 
     @classmethod
-    def of(cls, layer: Any, vector: torch.Tensor, threshold: Any, pool: Any = "last") -> Gate:
+    def of(cls, layer: Any, vector: torch.Tensor, threshold: Any, pool: Any = "last",
+           veto: torch.Tensor | None = None, veto_threshold: Any = None) -> Gate:
         """From a JSON record: a threshold is a number (one detector) or a list."""
         t = (tuple(float(x) for x in threshold) if isinstance(threshold, (list, tuple))
              else float(threshold))
-        return cls(int(layer), vector.float(), t, pool)
+        if veto is None:
+            return cls(int(layer), vector.float(), t, pool)
+        return cls(int(layer), vector.float(), t, pool, veto.float(), float(veto_threshold))
+
+    def record(self) -> dict[str, Any]:
+        """The JSON fields besides the vectors (what `of` reads back)."""
+        rec: dict[str, Any] = {"layer": self.layer, "threshold": self.threshold,
+                               "pool": self.pool}
+        if self.veto is not None:
+            rec["veto_threshold"] = self.veto_threshold
+        return rec
 
     def decide(self, features: torch.Tensor) -> torch.Tensor:
         """Open (True) per row of pooled prompt states [n, d]: the one rule the hook and the
         offline check (gates.gate_open) both apply."""
         v = unit(self.vector.to(features.device)).reshape(len(self.thresholds), -1)
         t = torch.tensor(self.thresholds, dtype=torch.float64, device=features.device)
-        return (features.double() @ v.T > t).any(-1)
+        opened = (features.double() @ v.T > t).any(-1)
+        if self.veto is None:
+            return opened
+        veto = unit(self.veto.to(features.device)).double()
+        return opened & ~(features.double() @ veto > self.veto_threshold)
 
 
 @dataclass(frozen=True)
@@ -270,8 +291,9 @@ def save_profile(profile: Profile, path: str | Path,
             meta["levels"] = {str(k): v for k, v in sorted(op.levels.items())}
         if op.gate is not None:
             tensors[f"op{i}.gate"] = op.gate.vector
-            meta["gate"] = {"layer": op.gate.layer, "threshold": op.gate.threshold,
-                            "pool": op.gate.pool}
+            if op.gate.veto is not None:
+                tensors[f"op{i}.gate_veto"] = op.gate.veto
+            meta["gate"] = op.gate.record()
         ops_meta.append(meta)
     model = dict(lm) if isinstance(lm, Mapping) else model_record(lm)
     manifest = {"model": model, "ops": ops_meta, "scale": profile.scale,
@@ -289,8 +311,10 @@ def load_profile(path: str | Path, lm: LoadedModel | None = None,
         strengths = {int(k): float(v) for k, v in meta.get("strengths", {}).items()}
         gate = None
         if "gate" in meta:
-            gate = Gate.of(meta["gate"]["layer"], need_tensor(art, f"op{i}.gate", path),
-                           meta["gate"]["threshold"], meta["gate"].get("pool", "last"))
+            g = meta["gate"]
+            veto = need_tensor(art, f"op{i}.gate_veto", path) if "veto_threshold" in g else None
+            gate = Gate.of(g["layer"], need_tensor(art, f"op{i}.gate", path), g["threshold"],
+                           g.get("pool", "last"), veto, g.get("veto_threshold"))
         levels = {int(k): float(v) for k, v in meta.get("levels", {}).items()}
         op = Op(meta["kind"], vectors, strengths, meta.get("phase", "both"), gate, levels)
         operator(op.kind).validate(op, str(path))

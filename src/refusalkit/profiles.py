@@ -96,8 +96,11 @@ def read_gate(path: str | Path, model: Mapping[str, Any]) -> Gate:
         rec = json.loads(stage.read_text())
         run = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
         _same_model(run.get("model", {}), model, path)
-        return Gate.of(rec["layer"], torch.tensor(rec["vector"], dtype=torch.float32),
-                       rec["threshold"], rec.get("pool", "last"))
+        from refusalkit.steer.fit import gate_of_record
+
+        gate = gate_of_record(rec)
+        assert gate is not None
+        return gate
     from refusalkit.gates import gate_of
     from refusalkit.interventions import load_profile
 

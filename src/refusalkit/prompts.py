@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from refusalkit.errors import UserError
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def cjk_share(text: str) -> float:
+    """Share of a text's letters that are Chinese characters: a prompt's language, as the
+    gate and the judge tell Chinese from the rest."""
+    letters = [c for c in text if c.isalpha()]
+    return sum(bool(CJK.match(c)) for c in letters) / len(letters) if letters else 0.0
 
 
 @dataclass(frozen=True)

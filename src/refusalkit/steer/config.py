@@ -123,11 +123,25 @@ class SearchConfig(ConfigModel):
     """With data.gate_topic: one detector for the target's prompts and one for gate_topic's,
     the gate opening when either passes (the false-open budget holds for the pair). One
     direction for questions and requests together read both worse than each alone."""
+    gate_per_language: bool = False
+    """With gate_per_source: each source's detector is split by script as well (prompts
+    mostly in Chinese characters get their own), so one direction need not read the topic
+    in two languages at once against negatives in both."""
     gate_detector: Literal["lda", "logistic"] = "lda"
     """How each detector's direction is fitted: ridge-LDA, or an L2 logistic regression
     (discriminative: it reads a topic that comes as two phrasings, questions and requests,
     better than LDA's shared-covariance fit; RESULTS.md). Either is one linear direction, so
     the gate, its hook and its artifact do not change."""
+    gate_thresholds: Literal["shared", "per_detector"] = "shared"
+    """With gate_per_source: one threshold on every detector's standardised score, or one
+    per detector, chosen together so the union keeps the false-open budget and the worst
+    source's recall is highest (gates._union_thresholds)."""
+    gate_veto: float = Field(0.0, ge=0, lt=0.5)
+    """Share of the topic's prompts (out of fold) a harm veto may shut; 0: no veto. With it,
+    a second detector at the gate's layer, fitted to tell the gate's must-stay-shut
+    negatives (every other-side prompt that is not an everyday one: harmful requests,
+    look-alikes) from the topic, shuts the gate where it reads them. A two-sided gate: the
+    topic detectors can then open wider without letting the harmful look-alikes through."""
     gate_false_open: float = Field(0.0, ge=0, lt=0.5)
     """Share of other-topic prompts (out of fold) the gate may open for: higher opens on more
     of the topic, and steers more prompts it should leave alone."""
@@ -177,4 +191,7 @@ class SteerConfig(ConfigModel):
             raise ValueError("search.gate_per_source fits one detector per topic source: set "
                              "data.gate_topic (e.g. [\"builtin:china_requests_fit\"]) or "
                              "leave it off")
+        if self.search.gate_per_language and not self.search.gate_per_source:
+            raise ValueError("search.gate_per_language splits gate_per_source's detectors by "
+                             "language: set search.gate_per_source = true as well")
         return self

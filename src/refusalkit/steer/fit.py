@@ -15,6 +15,7 @@ from refusalkit.gates import fit_gate, pool_position
 from refusalkit.geometry import auc
 from refusalkit.interventions import Gate
 from refusalkit.models import LoadedModel
+from refusalkit.prompts import cjk_share
 from refusalkit.steer.config import DirectionConfig, SearchConfig
 from refusalkit.steer.data import FITTING, Splits
 from refusalkit.steer.mode import Classes, Mode
@@ -118,7 +119,9 @@ def search_space(lm: LoadedModel, search: SearchConfig, mode: Mode) -> SearchSpa
 def gate_of_record(rec: dict[str, Any] | None) -> Gate | None:
     if rec is None:
         return None
-    return Gate.of(rec["layer"], torch.tensor(rec["vector"]), rec["threshold"], rec["pool"])
+    veto = torch.tensor(rec["veto"]) if rec.get("veto") is not None else None
+    return Gate.of(rec["layer"], torch.tensor(rec["vector"]), rec["threshold"],
+                   rec.get("pool", "last"), veto, rec.get("veto_threshold"))
 
 
 def gate_inputs(lm: LoadedModel, splits: Splits, search: SearchConfig
@@ -168,23 +171,35 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
     pos = torch.cat([read(n) for n, _ in sets], dim=1).flatten(0, 1)
     neg = torch.cat([read(n) for n in names], dim=1).flatten(0, 1)
     n_pos, n_neg, k = sum(len(data[n]) for n, _ in sets), len(texts), len(phrasings)
-    # each topic row's source (phrasing-major like pos), so the layer must hold on each
-    source = torch.cat([torch.full((len(data[n]),), i) for n, i in sets])
+    # each topic row's source (phrasing-major like pos), so the layer must hold on each;
+    # per language, a source's Chinese prompts are a source of their own
+    split = search.gate_per_language
+    source = torch.tensor([2 * i + (split and cjk_share(p) > 0.5)
+                           for n, i in sets for p in data[n]])
+    labels = {2 * i + z: f"{topic[i]}{'/zh' if z else ''}" for i in range(len(topic))
+              for z in range(2)}
     groups = (torch.arange(n_pos).repeat(k), torch.arange(n_neg).repeat(k)) if k > 1 else None
     fit = fit_gate(pos, neg, layers, max_false_open=search.gate_false_open, pool=pool,
                    seed=seed, ordinary=ordinary.repeat(k), groups=groups,
                    strata=torch.arange(k).repeat_interleave(n_neg) if k > 1 else None,
-                   pos_strata=source.repeat(k) if len(topic) > 1 else None,
-                   per_source=search.gate_per_source and len(topic) > 1,
-                   detector=search.gate_detector)
+                   pos_strata=source.repeat(k) if len(source.unique()) > 1 else None,
+                   per_source=search.gate_per_source and len(source.unique()) > 1,
+                   detector=search.gate_detector,
+                   veto=(~ordinary).repeat(k) if search.gate_veto > 0 else None,
+                   veto_share=search.gate_veto,
+                   per_detector=search.gate_thresholds == "per_detector")
     dropped = sorted({i % n_neg for i in fit.dropped})
     return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
             "detector": search.gate_detector,
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
             "margin_z": fit.margin_z, "shrink": fit.shrink,
-            "recall_oof_by_set": dict(zip(topic, fit.recall_by, strict=True)),
+            "recall_oof_by_set": dict(zip([labels[int(i)] for i in source.unique()],
+                                          fit.recall_by, strict=True)),
             "n_topic": n_pos, "n_other": n_neg,
             "n_topic_gate_only": len(data["gate_topic"]) + len(data["gate_target"]),
             "dropped_ordinary": [texts[i] for i in dropped], "layers": fit.table,
             "detectors": 1 if fit.gate.vector.ndim == 1 else fit.gate.vector.shape[0],
+            **({"veto": fit.gate.veto.tolist(), "veto_threshold": fit.gate.veto_threshold,
+                "veto_share": search.gate_veto, "vetoed_oof": fit.vetoed}
+               if fit.gate.veto is not None else {}),
             **({"phrasings": search.gate_phrasings} if search.gate_phrasings else {})}

@@ -238,5 +238,6 @@ class Steer:
             "search_trials": len(searched["trials"]),
         })
         if gate_rec is not None:
-            metrics["gate"] = {k: v for k, v in gate_rec.items() if k not in ("vector", "layers")}
+            metrics["gate"] = {k: v for k, v in gate_rec.items()
+                               if k not in ("vector", "veto", "layers")}
         return metrics

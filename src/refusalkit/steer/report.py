@@ -146,4 +146,6 @@ def _gate(run: RunDir, g: dict[str, Any] | None, opened: dict[str, dict[str, flo
         save_table(run, "gate_open", rows, section="Gate", order=1,
                    caption=f"Share of held-out prompts the topic gate opens for (layer "
                            f"{g['layer']}, {g['pool']} pooling; out-of-fold recall "
-                           f"{g['recall_oof']:.2f} on the topic's fitting prompts)")
+                           f"{g['recall_oof']:.2f} on the topic's fitting prompts"
+                           + (f", its harm veto shutting {g['vetoed_oof']:.2f} of them"
+                              if "vetoed_oof" in g else "") + ")")
