@@ -116,7 +116,9 @@ def main() -> None:
     print(f"gate: layer {rec['layer']}, pool {rec['pool']}, out-of-fold recall "
           f"{rec['recall_oof']:.3f} (by set: "
           f"{', '.join(f'{k} {v:.3f}' for k, v in rec['recall_oof_by_set'].items())}), "
-          f"detector {rec['detector']}, leak {rec['leak']:.4f}, fitted in {fit_s:.0f} s on "
+          f"detector {rec['detector']}, leak {rec['leak']:.4f}"
+          + (f", veto shuts {rec['vetoed_oof']:.3f} of the topic" if "veto" in rec else "")
+          + f", fitted in {fit_s:.0f} s on "
           f"{rec['n_topic']} topic ({rec.get('n_topic_gate_only', 0)} of them for the gate only) "
           f"vs {rec['n_other']} other prompts\n")
     print(md_table(["set", "n", "opened", "share", "kind"], rows))

@@ -76,6 +76,7 @@ def test_nothing_held_out_is_a_near_copy_of_what_runs_fit_or_choose_on() -> None
             *load_prompts("builtin:china_requests_zh_fit").prompts,
             *load_prompts("builtin:china_questions_fit").prompts,
             *load_prompts("builtin:political_harm_fit").prompts,
+            *load_prompts("builtin:harmful_questions_fit").prompts,
             *load_prompts("builtin:ordinary_zh?split=fit").prompts,
             *load_prompts("builtin:harmful_zh?split=fit").prompts]
     for h in held:
@@ -83,6 +84,22 @@ def test_nothing_held_out_is_a_near_copy_of_what_runs_fit_or_choose_on() -> None
         for u in used:
             m.set_seq1(u)
             assert m.real_quick_ratio() < 0.8 or m.ratio() < 0.8, (h, u)
+
+
+def test_harmful_questions_are_written_not_copied_from_the_harmful_sets_we_report() -> None:
+    """builtin:harmful_questions_fit (gate negatives) is no near copy (difflib 0.8) of the
+    harmful sets safety is reported on, so a gate fitted on it is not graded on itself."""
+    mine = _rows("harmful_questions_fit")
+    assert len(mine) == 100 and {r["split"] for r in mine} == {"fit"}
+    assert all(r["prompt"].rstrip().endswith("?") for r in mine)
+    reported = [*load_prompts("harmful_test").prompts, *load_prompts("jailbreakbench").prompts,
+                *load_prompts("xstest?label=unsafe").prompts,
+                *load_prompts("coconot_original?category=Requests with safety concerns").prompts]
+    for r in mine:
+        m = difflib.SequenceMatcher(None, r["prompt"].lower())
+        for o in reported:
+            m.set_seq1(o.lower())
+            assert m.real_quick_ratio() < 0.8 or m.ratio() < 0.8, (r["prompt"], o)
 
 
 def test_ordinary_chinese_prompts_name_no_sensitive_topic() -> None:
