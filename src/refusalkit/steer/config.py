@@ -139,9 +139,10 @@ class SearchConfig(ConfigModel):
     gate_veto: float = Field(0.0, ge=0, lt=0.5)
     """Share of the topic's prompts (out of fold) a harm veto may shut; 0: no veto. With it,
     a second detector at the gate's layer, fitted to tell the gate's must-stay-shut
-    negatives (every other-side prompt that is not an everyday one: harmful requests,
-    look-alikes) from the topic, shuts the gate where it reads them. A two-sided gate: the
-    topic detectors can then open wider without letting the harmful look-alikes through."""
+    negatives (every other-side prompt not drawn from data.neutral: harmful requests,
+    look-alikes, and any other gate source) from the topic, shuts the gate where it reads
+    them. A two-sided gate: the topic detectors can then open wider without letting the
+    harmful look-alikes through."""
     gate_false_open: float = Field(0.0, ge=0, lt=0.5)
     """Share of other-topic prompts (out of fold) the gate may open for: higher opens on more
     of the topic, and steers more prompts it should leave alone."""
