@@ -91,6 +91,13 @@ class Gate:
             return cls(int(layer), vector.float(), t, pool)
         return cls(int(layer), vector.float(), t, pool, veto.float(), float(veto_threshold))
 
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Gate:
+        """From a steer run's gate record (stages/gate.json), whose vectors are inline lists."""
+        veto = torch.tensor(rec["veto"]) if rec.get("veto") is not None else None
+        return cls.of(rec["layer"], torch.tensor(rec["vector"]), rec["threshold"],
+                      rec.get("pool", "last"), veto, rec.get("veto_threshold"))
+
     def record(self) -> dict[str, Any]:
         """The JSON fields besides the vectors (what `of` reads back)."""
         rec: dict[str, Any] = {"layer": self.layer, "threshold": self.threshold,

@@ -96,11 +96,7 @@ def read_gate(path: str | Path, model: Mapping[str, Any]) -> Gate:
         rec = json.loads(stage.read_text())
         run = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
         _same_model(run.get("model", {}), model, path)
-        from refusalkit.steer.fit import gate_of_record
-
-        gate = gate_of_record(rec)
-        assert gate is not None
-        return gate
+        return Gate.from_record(rec)
     from refusalkit.gates import gate_of
     from refusalkit.interventions import load_profile
 

@@ -13,6 +13,7 @@ import re
 import zlib
 
 from refusalkit.judge.keyword import CLASSIC, EXTENDED
+from refusalkit.prompts import CJK
 
 PATTERNS: dict[str, tuple[str, ...]] = {
     "apology": ("sorry", "apologi", "抱歉", "对不起", "很遗憾", "unfortunately"),
@@ -46,7 +47,6 @@ STRUCTURE = {
     "code": re.compile(r"```|def |import |#include|function\s*\("),
     "list": re.compile(r"(^|\n)\s*(\d+[.)]|[-*•])\s+\S"),
 }
-CJK = re.compile(r"[\u4e00-\u9fff]")
 PUNCT = set(".,;:!?'\"()[]{}-–—_*#/\\`~@$%&+=<>|^，。！？、；：“”‘’（）《》【】…·")
 
 FEATURES: tuple[str, ...] = (

@@ -119,9 +119,7 @@ def search_space(lm: LoadedModel, search: SearchConfig, mode: Mode) -> SearchSpa
 def gate_of_record(rec: dict[str, Any] | None) -> Gate | None:
     if rec is None:
         return None
-    veto = torch.tensor(rec["veto"]) if rec.get("veto") is not None else None
-    return Gate.of(rec["layer"], torch.tensor(rec["vector"]), rec["threshold"],
-                   rec.get("pool", "last"), veto, rec.get("veto_threshold"))
+    return Gate.from_record(rec)
 
 
 def gate_inputs(lm: LoadedModel, splits: Splits, search: SearchConfig
@@ -178,19 +176,19 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
                            for n, i in sets for p in data[n]])
     labels = {2 * i + z: f"{topic[i]}{'/zh' if z else ''}" for i in range(len(topic))
               for z in range(2)}
+    several = len(source.unique()) > 1
     groups = (torch.arange(n_pos).repeat(k), torch.arange(n_neg).repeat(k)) if k > 1 else None
     fit = fit_gate(pos, neg, layers, max_false_open=search.gate_false_open, pool=pool,
                    seed=seed, ordinary=ordinary.repeat(k), groups=groups,
                    strata=torch.arange(k).repeat_interleave(n_neg) if k > 1 else None,
-                   pos_strata=source.repeat(k) if len(source.unique()) > 1 else None,
-                   per_source=search.gate_per_source and len(source.unique()) > 1,
+                   pos_strata=source.repeat(k) if several else None,
+                   per_source=search.gate_per_source and several,
                    detector=search.gate_detector,
                    veto=(~ordinary).repeat(k) if search.gate_veto > 0 else None,
                    veto_share=search.gate_veto,
                    per_detector=search.gate_thresholds == "per_detector")
     dropped = sorted({i % n_neg for i in fit.dropped})
-    return {"layer": fit.gate.layer, "threshold": fit.gate.threshold, "pool": pool,
-            "detector": search.gate_detector,
+    return {**fit.gate.record(), "detector": search.gate_detector,
             "vector": fit.gate.vector.tolist(), "recall_oof": fit.recall, "leak": fit.leak,
             "margin_z": fit.margin_z, "shrink": fit.shrink,
             "recall_oof_by_set": dict(zip([labels[int(i)] for i in source.unique()],
@@ -199,7 +197,7 @@ def fit_topic_gate(lm: LoadedModel, acts: dict[str, torch.Tensor],
             "n_topic_gate_only": len(data["gate_topic"]) + len(data["gate_target"]),
             "dropped_ordinary": [texts[i] for i in dropped], "layers": fit.table,
             "detectors": 1 if fit.gate.vector.ndim == 1 else fit.gate.vector.shape[0],
-            **({"veto": fit.gate.veto.tolist(), "veto_threshold": fit.gate.veto_threshold,
-                "veto_share": search.gate_veto, "vetoed_oof": fit.vetoed}
+            **({"veto": fit.gate.veto.tolist(), "veto_share": search.gate_veto,
+                "vetoed_oof": fit.vetoed}
                if fit.gate.veto is not None else {}),
             **({"phrasings": search.gate_phrasings} if search.gate_phrasings else {})}
