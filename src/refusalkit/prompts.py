@@ -7,7 +7,9 @@ A spec is one of:
 - a path to a .jsonl (field `prompt`, or --field), .csv (column `prompt`) or .txt (one a line);
 - `hf:org/name[:split]` for a Hugging Face dataset (needs the network).
 Filters `field=value` select rows and `field!=value` leave rows out, joined by `&`, e.g.
-`xstest?label=safe` or `builtin:ordinary_zh?split=fit&kind!=cooking`.
+`xstest?label=safe` or `builtin:ordinary_zh?split=fit&kind!=cooking`. `part=k/n` then keeps
+every n-th row from the k-th (0-based), so one public set gives disjoint fit, dev and held-out
+parts (`xstest?label=unsafe&part=0/3`) that are spread over its ordering.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def load_prompts(spec: str, *, field: str = "prompt", limit: int | None = None) 
     # `field!=value` leaves rows out (e.g. one kind of an everyday set that is on a topic)
     unless = [tuple(part.split("!=", 1)) for part in parts if "!=" in part]
     filters = dict(part.split("=", 1) for part in parts if "!=" not in part)
+    part = _part(filters.pop("part", None), spec)
     if base.startswith("builtin:"):
         name = base.removeprefix("builtin:")
         res = resources.files("refusalkit") / "data" / "prompts" / f"{name}.jsonl"
@@ -152,11 +155,24 @@ def load_prompts(spec: str, *, field: str = "prompt", limit: int | None = None) 
     ps = PromptSet(spec, tuple(rows)).where(**filters)
     ps = PromptSet(spec, tuple(r for r in ps.rows
                                if all(str(r.get(k)) != v for k, v in unless)))
+    if part is not None:
+        ps = PromptSet(spec, ps.rows[part[0]::part[1]])
     if limit is not None:
         ps = ps.take(limit)
     if not ps.rows:
         raise UserError(f"prompt set '{spec}' is empty")
     return ps
+
+
+def _part(value: str | None, spec: str) -> tuple[int, int] | None:
+    """`k/n` as (k, n), checked: a typo must not silently select another share of a set."""
+    if value is None:
+        return None
+    k, _, n = value.partition("/")
+    if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+        raise UserError(f"prompt set '{spec}': part={value} must be k/n with 0 <= k < n "
+                        "(e.g. part=0/3 for the first of three interleaved parts)")
+    return int(k), int(n)
 
 
 def _read_hf(name: str, field: str) -> list[dict[str, Any]]:
