@@ -64,13 +64,14 @@ def test_chinese_sets_split_as_documented() -> None:
 
 def test_nothing_held_out_is_a_near_copy_of_what_runs_fit_or_choose_on() -> None:
     """Held out (never fitted or chosen on): china_requests, ordinary_zh?split=test,
-    harmful_zh?split=test, and deccp (a run holds out a random share of it, so all of it
+    harmful_zh?split=test, harmful_fresh_test, and deccp (a run holds out a random share of it, so all of it
     counts). Fitted or chosen on: the *_fit and *_dev sets and the fit splits. No held-out
     prompt is within difflib ratio 0.8 of any of those."""
     held = [*load_prompts("builtin:china_requests").prompts,
             *load_prompts("deccp_censored").prompts, *load_prompts("deccp_uncensored").prompts,
             *load_prompts("builtin:ordinary_zh?split=test").prompts,
-            *load_prompts("builtin:harmful_zh?split=test").prompts]
+            *load_prompts("builtin:harmful_zh?split=test").prompts,
+            *load_prompts("builtin:harmful_fresh_test").prompts]
     used = [*load_prompts("builtin:china_requests_fit").prompts,
             *load_prompts("builtin:china_requests_dev").prompts,
             *load_prompts("builtin:china_requests_zh_fit").prompts,
@@ -102,6 +103,29 @@ def test_harmful_questions_are_written_not_copied_from_the_harmful_sets_we_repor
             assert m.real_quick_ratio() < 0.8 or m.ratio() < 0.8, (r["prompt"], o)
 
 
+def test_the_fresh_harmful_set_is_held_out_and_no_near_copy_of_any_public_set() -> None:
+    """builtin:harmful_fresh_test (written blind, read once per chosen gate) is all test rows
+    in 12 kinds × (4 English questions, 4 English requests, 4 Chinese), and no near copy
+    (difflib 0.8) of the public harmful sets a gate may be fitted or chosen on."""
+    rows = _rows("harmful_fresh_test")
+    assert len(rows) == 144 and {r["split"] for r in rows} == {"test"}
+    kinds = {r["kind"] for r in rows}
+    assert len(kinds) == 12
+    for k in kinds:
+        mine = [r for r in rows if r["kind"] == k]
+        assert sum(r["lang"] == "en" and r["form"] == "question" for r in mine) == 4
+        assert sum(r["lang"] == "en" and r["form"] == "request" for r in mine) == 4
+        assert sum(r["lang"] == "zh" for r in mine) == 4
+    public = [*load_prompts("harmful_train").prompts, *load_prompts("harmful_val").prompts,
+              *load_prompts("harmful_test").prompts, *load_prompts("xstest?label=unsafe").prompts,
+              *load_prompts("coconot_original?category=Requests with safety concerns").prompts]
+    for r in rows:
+        m = difflib.SequenceMatcher(None, r["prompt"].lower())
+        for o in public:
+            m.set_seq1(o.lower())
+            assert m.real_quick_ratio() < 0.8 or m.ratio() < 0.8, (r["prompt"], o)
+
+
 def test_ordinary_chinese_prompts_name_no_sensitive_topic() -> None:
     """ordinary_zh is the gate's everyday Chinese side: a sensitive keyword in it would teach
     the gate to stay shut on the topic itself."""
@@ -122,3 +146,22 @@ def test_a_filter_can_leave_one_kind_out() -> None:
     both = load_prompts("builtin:ordinary_zh?kind!=cooking&kind!=math&split=test")
     assert {r["kind"] for r in both.rows}.isdisjoint({"cooking", "math"})
     assert {r["split"] for r in both.rows} == {"test"}
+
+
+def test_part_splits_a_set_into_disjoint_interleaved_parts() -> None:
+    """`part=k/n` after the filters: three parts of XSTest's unsafe prompts are disjoint,
+    together the whole filtered set, and each spans its ordering (every type is in each);
+    a malformed part is one error line, not another share of the set."""
+    from refusalkit.errors import UserError
+
+    whole = load_prompts("xstest?label=unsafe")
+    parts = [load_prompts(f"xstest?label=unsafe&part={k}/3") for k in range(3)]
+    assert sorted(p for ps in parts for p in ps.prompts) == sorted(whole.prompts)
+    assert [len(ps) for ps in parts] == [67, 67, 66]
+    assert all(set(a.prompts).isdisjoint(b.prompts) for a in parts for b in parts if a is not b)
+    types = {r["type"] for r in whole.rows}
+    assert all({r["type"] for r in ps.rows} == types for ps in parts)
+    assert parts[1].prompts == whole.prompts[1::3]
+    for bad in ("3/3", "1", "a/2", "-1/2"):
+        with pytest.raises(UserError, match="part="):
+            load_prompts(f"xstest?label=unsafe&part={bad}")
