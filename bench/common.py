@@ -230,3 +230,66 @@ def say(msg: str) -> None:
     import sys
 
     print(msg, file=sys.stderr, flush=True)
+
+
+class CaptureMemo:
+    """`activations.capture` memoised per (prompt, layer, position), for benchmarks that fit
+    several gate variants in one process: each variant reads the same prompts at overlapping
+    layers, and the forward passes, not the fits, are what take the minutes. Values are the
+    ones `capture` returned for that prompt (batching pads on the left, so a row does not
+    depend on its batch mates beyond float noise)."""
+
+    def __init__(self, inner: Callable[..., Any]) -> None:
+        self.inner = inner
+        self.rows: dict[tuple[str, Any, int], Any] = {}
+        self.hits = self.misses = 0
+
+    def __call__(self, lm: Any, prompts: Sequence[str], layers: Sequence[int],
+                 positions: Sequence[Any] = (-1,), **kw: Any) -> Any:
+        import torch
+
+        if len(positions) != 1 or kw.get("cache_dir") or kw.get("formatted"):
+            return self.inner(lm, prompts, layers, positions, **kw)
+        pos, layers = positions[0], list(layers)
+        missing = [p for p in dict.fromkeys(prompts)
+                   if any((p, pos, layer) not in self.rows for layer in layers)]
+        self.misses += len(missing)
+        self.hits += len(prompts) - len(missing)
+        if missing:
+            h = self.inner(lm, missing, layers, positions, **kw)
+            for i, p in enumerate(missing):
+                for j, layer in enumerate(layers):
+                    self.rows[(p, pos, layer)] = h[i, j, 0]
+        return torch.stack([torch.stack([self.rows[(p, pos, layer)] for layer in layers])
+                            for p in prompts])[:, :, None]
+
+    def save(self, path: Path) -> None:
+        """To safetensors (tensors) + JSON (keys): a later sweep in a new process starts warm.
+        Keyed by prompt text only: valid for one model and pooling, which the caller keeps."""
+        import torch
+        from safetensors.torch import save_file
+
+        keys = list(self.rows)
+        if keys:
+            save_file({"rows": torch.stack([self.rows[k] for k in keys]).contiguous()},
+                      str(path))
+            path.with_suffix(".json").write_text(json.dumps([list(k) for k in keys]))
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        if path.is_file():
+            rows = load_file(str(path))["rows"]
+            keys = json.loads(path.with_suffix(".json").read_text())
+            self.rows.update({tuple(k): rows[i] for i, k in enumerate(keys)})
+
+    @classmethod
+    def install(cls) -> CaptureMemo:
+        """Put one memo in front of the `capture` the gate fit and `gate_open` call."""
+        import refusalkit.gates as gates
+        import refusalkit.steer.fit as fit
+
+        memo = cls(fit.capture)
+        fit.capture = memo  # type: ignore[assignment]
+        gates.capture = memo  # type: ignore[assignment]
+        return memo
