@@ -628,3 +628,29 @@ def test_a_two_detector_gate_survives_the_artifact_and_steers_what_it_opens(tiny
                             batch_size=len(PROMPTS))
     changed = (steered - last_logprobs(tiny, PROMPTS)).abs().amax(-1) > 1e-5
     assert torch.equal(changed, expected) and 0 < int(expected.sum()) < len(PROMPTS)
+
+
+def test_bench_gate_activation_memo_returns_what_capture_returns(tiny, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """bench_gate's per-prompt memo (bench/common.py) gives each prompt the states `capture`
+    gives it, in the order asked, across overlapping sets and layers and after a save and
+    load; only prompts it has not seen are read again. A wrong row here would move every
+    gate variant a sweep compares."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    from common import CaptureMemo
+
+    memo = CaptureMemo(capture)
+    a = ["How do I bake bread?", "Tell me about Tibet.", "Write a poem about the sea."]
+    b = ["Write a poem about the sea.", "What is a roux?", "How do I bake bread?"]
+    got_a = memo(tiny, a, [1, 2], [MEAN_ALL], batch_size=2, show_progress=False)
+    got_b = memo(tiny, b, [2], [MEAN_ALL], batch_size=2, show_progress=False)
+    want_b = capture(tiny, b, [2], [MEAN_ALL], show_progress=False)
+    assert got_a.shape == (3, 2, 1, tiny.hidden_size) and got_b.shape == want_b.shape
+    torch.testing.assert_close(got_a, capture(tiny, a, [1, 2], [MEAN_ALL], show_progress=False),
+                               rtol=1e-4, atol=1e-5 * float(got_a.abs().max()))
+    torch.testing.assert_close(got_b, want_b, rtol=1e-4, atol=1e-5 * float(want_b.abs().max()))
+    assert (memo.misses, memo.hits) == (4, 2)  # "What is a roux?" alone was new in b
+    memo.save(tmp_path / "m.safetensors")
+    again = CaptureMemo(lambda *a, **k: pytest.fail("read again"))
+    again.load(tmp_path / "m.safetensors")
+    assert torch.equal(again(tiny, b, [2], [MEAN_ALL]), got_b)

@@ -64,9 +64,9 @@ def test_chinese_sets_split_as_documented() -> None:
 
 def test_nothing_held_out_is_a_near_copy_of_what_runs_fit_or_choose_on() -> None:
     """Held out (never fitted or chosen on): china_requests, ordinary_zh?split=test,
-    harmful_zh?split=test, harmful_fresh_test, and deccp (a run holds out a random share of it, so all of it
-    counts). Fitted or chosen on: the *_fit and *_dev sets and the fit splits. No held-out
-    prompt is within difflib ratio 0.8 of any of those."""
+    harmful_zh?split=test, harmful_fresh_test, and deccp (a run holds out a random share of
+    it, so all of it counts). Fitted or chosen on: the *_fit and *_dev sets and the fit
+    splits. No held-out prompt is within difflib ratio 0.8 of any of those."""
     held = [*load_prompts("builtin:china_requests").prompts,
             *load_prompts("deccp_censored").prompts, *load_prompts("deccp_uncensored").prompts,
             *load_prompts("builtin:ordinary_zh?split=test").prompts,
