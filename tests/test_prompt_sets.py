@@ -24,6 +24,18 @@ def _rows(name: str) -> list[dict]:
         encoding="utf-8").splitlines() if line.strip()]
 
 
+def _no_near_copy(mine: list[str], others: list[str], lower: bool = True) -> None:
+    """No prompt of `mine` is within difflib ratio 0.8 of any of `others`."""
+    def norm(t: str) -> str:
+        return t.lower() if lower else t
+
+    for p in mine:
+        m = difflib.SequenceMatcher(None, norm(p))
+        for o in others:
+            m.set_seq1(norm(o))
+            assert m.real_quick_ratio() < 0.8 or m.ratio() < 0.8, (p, o)
+
+
 @pytest.mark.parametrize("name", SETS)
 def test_every_shipped_set_loads_is_documented_and_has_no_repeats(name: str) -> None:
     rows = _rows(name)
@@ -80,11 +92,7 @@ def test_nothing_held_out_is_a_near_copy_of_what_runs_fit_or_choose_on() -> None
             *load_prompts("builtin:harmful_questions_fit").prompts,
             *load_prompts("builtin:ordinary_zh?split=fit").prompts,
             *load_prompts("builtin:harmful_zh?split=fit").prompts]
-    for h in held:
-        m = difflib.SequenceMatcher(None, h)
-        for u in used:
-            m.set_seq1(u)
-            assert m.real_quick_ratio() < 0.8 or m.ratio() < 0.8, (h, u)
+    _no_near_copy(held, used, lower=False)
 
 
 def test_harmful_questions_are_written_not_copied_from_the_harmful_sets_we_report() -> None:
@@ -96,11 +104,7 @@ def test_harmful_questions_are_written_not_copied_from_the_harmful_sets_we_repor
     reported = [*load_prompts("harmful_test").prompts, *load_prompts("jailbreakbench").prompts,
                 *load_prompts("xstest?label=unsafe").prompts,
                 *load_prompts("coconot_original?category=Requests with safety concerns").prompts]
-    for r in mine:
-        m = difflib.SequenceMatcher(None, r["prompt"].lower())
-        for o in reported:
-            m.set_seq1(o.lower())
-            assert m.real_quick_ratio() < 0.8 or m.ratio() < 0.8, (r["prompt"], o)
+    _no_near_copy([r["prompt"] for r in mine], reported)
 
 
 def test_the_fresh_harmful_set_is_held_out_and_no_near_copy_of_any_public_set() -> None:
@@ -119,11 +123,7 @@ def test_the_fresh_harmful_set_is_held_out_and_no_near_copy_of_any_public_set() 
     public = [*load_prompts("harmful_train").prompts, *load_prompts("harmful_val").prompts,
               *load_prompts("harmful_test").prompts, *load_prompts("xstest?label=unsafe").prompts,
               *load_prompts("coconot_original?category=Requests with safety concerns").prompts]
-    for r in rows:
-        m = difflib.SequenceMatcher(None, r["prompt"].lower())
-        for o in public:
-            m.set_seq1(o.lower())
-            assert m.real_quick_ratio() < 0.8 or m.ratio() < 0.8, (r["prompt"], o)
+    _no_near_copy([r["prompt"] for r in rows], public)
 
 
 def test_ordinary_chinese_prompts_name_no_sensitive_topic() -> None:
