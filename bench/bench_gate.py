@@ -91,8 +91,8 @@ def main() -> None:
 
 
 def only_layers(keep: list[int]) -> None:
-    """Restrict the gate fit's candidate layers to `keep` (the fit tries every λ, fold and
-    detector at each layer: that, not the forward passes, is most of a fit's time)."""
+    """Restrict the gate fit's candidate layers to `keep`: the fit tries every λ and fold at
+    each layer, so with the states memoised its time grows with the candidate layers."""
     import refusalkit.steer.fit as fit
 
     inner = fit.gate_inputs

@@ -235,7 +235,7 @@ def say(msg: str) -> None:
 class CaptureMemo:
     """`activations.capture` memoised per (prompt, layer, position), for benchmarks that fit
     several gate variants in one process: each variant reads the same prompts at overlapping
-    layers, and the forward passes, not the fits, are what take the minutes. Values are the
+    layers, and without it each variant spends minutes on the same forward passes. Values are the
     ones `capture` returned for that prompt (batching pads on the left, so a row does not
     depend on its batch mates beyond float noise)."""
 
