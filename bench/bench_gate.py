@@ -128,12 +128,13 @@ def one_gate(lm: Any, cfg: Any, args: argparse.Namespace) -> list[list[Any]]:
     used = splits.taken()
     rows = []
 
-    def measure(name: str, prompts: list[str], want_open: bool) -> None:
-        opened = ex.opened(gate, prompts)
-        k = int(opened.sum())
+    def measure(name: str, prompts: list[str], want_open: bool) -> tuple[int, int]:
+        """Print and keep one row; (opened, n) for pooling several sets."""
+        k = int(ex.opened(gate, prompts).sum())
         rows.append([name, len(prompts), f"{k}/{len(prompts)}",
                      f"{k / max(1, len(prompts)):.3f}", "recall" if want_open else "opens"])
         print(" | ".join(str(x) for x in rows[-1]), flush=True)
+        return k, len(prompts)
 
     # dev: a second phrasing written for choosing the detector (china_requests.md); the
     # held-out sets below are reported, not chosen on
@@ -166,18 +167,14 @@ def one_gate(lm: Any, cfg: Any, args: argparse.Namespace) -> list[list[Any]]:
     # the gate is fitted against harmful requests), odd rows stay held out
     dev_rows, held_rows = later_harmful_rows(used, args.limit)
     zh = args.ordinary_zh if args.ordinary_zh.endswith(("?", "&")) else args.ordinary_zh + "&"
-    harmful_dev: list[int] = []  # rows of the pooled harmful DEV line
     if args.dev_only:
-        measure("harmful_test rest, even rows (DEV)", dev_rows, False)
-        harmful_dev.append(len(rows) - 1)
+        harmful_dev = [measure("harmful_test rest, even rows (DEV)", dev_rows, False)]
         # the middle third of two public harmful sets in question form: the first third may be
         # a gate source, the last third stays held out (`part=k/3` interleaves their ordering)
         for spec in HARMFUL_PARTS:
             ps = [p for p in load_prompts(f"{spec}&part=1/3").prompts if p not in used]
-            measure(f"{spec}&part=1/3 (DEV)", ps, False)
-            harmful_dev.append(len(rows) - 1)
-        k = sum(int(rows[i][2].split("/")[0]) for i in harmful_dev)
-        n = sum(rows[i][1] for i in harmful_dev)
+            harmful_dev.append(measure(f"{spec}&part=1/3 (DEV)", ps, False))
+        k, n = (sum(x) for x in zip(*harmful_dev, strict=True))
         rows.append(["harmful DEV pooled", n, f"{k}/{n}", f"{k / n:.3f}",
                      f"opens (Wilson 95 % upper {wilson_upper(k, n):.3f})"])
         print(" | ".join(str(x) for x in rows[-1]), flush=True)
