@@ -30,17 +30,28 @@ from typing import Any
 from common import REPO, load_note, md_table, say
 
 
-def grid(lo: int, hi: int, width: int) -> list[tuple[str, dict[str, Any]]]:
+def _starts(lo: int, hi: int, width: int) -> list[int]:
+    """Three block starts across [lo, hi): at the start, the middle and the end."""
+    return sorted({lo, max(lo, (lo + hi - width) // 2), max(lo, hi - width)})
+
+
+def grid(lo: int, hi: int, width: int, gate_layer: int | None = None
+         ) -> list[tuple[str, dict[str, Any]]]:
     """(operator, params) points: three blocks across the window [lo, hi), strengths per
-    operator (a clamp stops at its target, so it takes larger α than addition)."""
-    starts = sorted({lo, (lo + hi - width) // 2, max(lo, hi - width)})
+    operator (a clamp stops at its target, so it takes larger α than addition). Gated blocks
+    lie at or after the gate's layer (a gate decides before steering starts, and
+    build_profile would shift an earlier block onto the same layers: on the 1.5B model, gate
+    layer 15, the start and middle blocks both became 15–17); ablation is ungated and takes
+    its direction from across the whole window."""
+    gated = _starts(max(lo, gate_layer or lo), hi, width)
     pts: list[tuple[str, dict[str, Any]]] = []
-    for s in starts:
+    for s in gated:
         pts += [("add", {"start": s, "width": width, "alpha": a, "gate": True})
                 for a in (0.5, 1.0, 1.5, 2.0)]
         pts += [("clamp", {"start": s, "width": width, "alpha": a, "gate": True})
                 for a in (1.0, 2.0, 4.0)]
-        pts.append(("ablate", {"start": s, "width": 0, "alpha": 1.0, "gate": False}))
+    pts += [("ablate", {"start": s, "width": 0, "alpha": 1.0, "gate": False})
+            for s in _starts(lo, hi, width)]
     return pts
 
 
@@ -103,7 +114,8 @@ def main() -> None:
             prof = profile_of(op, params)
             js, opened = ex.gated_answers(prompts, prof)
             q = qrates(js)
-            row: dict[str, Any] = {"op": op, "params": params, "target_refusal":
+            row: dict[str, Any] = {"op": op, "params": params, "layers": prof.layers,
+                                   "target_refusal":
                                    refusal_rate(js), "target_useful": q["useful"],
                                    "on_topic": q["on_topic"], "loop": q["loop"],
                                    "gate_open": float(opened.double().mean())}
@@ -118,7 +130,8 @@ def main() -> None:
 
         unsteered_q = qrates(ex.answers(t_set))
         rows, answers = [], []
-        for op, params in grid(*space.window, args.width):
+        for op, params in grid(*space.window, args.width,
+                               gate.layer if gate is not None else None):
             row, ans = measure(op, params, t_set, keep=True)
             rows.append(row)
             answers += ans
@@ -170,10 +183,13 @@ def main() -> None:
 
 
 def _layers(r: dict[str, Any]) -> str:
+    """The layers a row's profile steered (its block may have been moved to the gate's
+    layer), not the ones its parameters asked for."""
     p = r["params"]
     if r["op"] == "ablate":
         return f"all (dir. {p['start']})"
-    return f"{p['start']}–{p['start'] + p['width'] - 1}"
+    layers = r.get("layers") or range(p["start"], p["start"] + p["width"])
+    return f"{min(layers)}–{max(layers)}"
 
 
 def plot(rows: list[dict[str, Any]], best: dict[str, dict[str, Any]],

@@ -106,3 +106,22 @@ def test_candidates_spread_from_the_strongest_to_the_gentlest_effective_trial(
     assert objs[0] == front[0]  # the strongest is always judged
     assert objs[-1] == effective[-1]  # ... and the gentlest trial with half its effect
     assert objs[1] > front[2]  # not merely the three strongest
+
+
+def test_trade_off_grid_steers_distinct_layers_behind_a_late_gate(monkeypatch) -> None:
+    """bench_tradeoff's grid: a gated block that starts before the gate's layer is moved onto
+    it by build_profile, so with the 1.5B model's gate at layer 15 of the window [8, 21) the
+    start and middle blocks once measured the same layers twice (and were labelled 8–10 and
+    13–15). Every gated point must now steer at or after the gate, each block different
+    layers; ablation still takes directions from across the whole window."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    from bench_tradeoff import grid
+
+    dirs, gate = torch.randn(28, 8), Gate(15, torch.randn(8), 0.0, "mean")
+    space = SearchSpace((8, 21), 3, 4.0, -1.0, (True,))
+    pts = grid(*space.window, 3, gate.layer)
+    blocks = {tuple(build_profile(p, dirs, [1.0] * 28, space, gate).layers)
+              for op, p in pts if op == "add"}
+    assert len(blocks) == 3 and all(min(b) >= 15 and max(b) < 21 for b in blocks)
+    assert sorted(p["start"] for op, p in pts if op == "ablate") == [8, 13, 18]
+    assert {p["start"] for op, p in grid(8, 21, 3) if op == "add"} == {8, 13, 18}
