@@ -1,0 +1,177 @@
+"""Paper A's analysis claims, measured on finished steer runs (issue 15 §3): does the
+refuse-vs-answer signal sit in deeper layers, is it spread over many dimensions, and does
+WRMD separate the classes better than MD?
+
+    python bench/bench_claims.py runs/steer_qwen_pub runs/steer_qwen15_pub [--md out.md]
+
+No model is loaded: each run folder stores its fitting activations (every layer, the last
+prompt token) and its baseline judgements, and the run's own classes are rebuilt from them
+exactly as the pipeline builds them (`Mode.classes`). Two contrasts per run:
+
+- **target**: the target prompts the model refused vs those it answered (same topic, so the
+  direction is refusal, not topic; few answered prompts, so the figures are noisy);
+- **safety**: the harmful fitting prompts it refused vs the ordinary ones (neutral) it answered.
+
+Per layer and estimator (MD, RMD, WRMD; the run's λ): out-of-fold AUC (4-fold stratified,
+repeated 8 times; the direction is fitted on the other folds, WRMD with their weights and the
+neutral set), and, for the direction fitted on all rows, how its energy spreads over the
+coordinates: the participation ratio 1/Σv̂ᵢ⁴ over what a random direction gives (d/3), the
+share of coordinates holding 90 % of the energy, and the largest coordinate's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import emit, md_table
+from safetensors.torch import load_file
+
+from refusalkit.directions import get_method
+from refusalkit.geometry import auc
+from refusalkit.steer.mode import mode_of
+
+METHODS = ("md", "rmd", "wrmd")
+
+
+def contrasts(run: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """The run's manifest and its two contrasts as refused/complied activations and weights."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    acts = load_file(str(run / "stages" / "activations.safetensors"))
+    base = json.loads((run / "stages" / "baseline.json").read_text())
+    conf = {k: torch.tensor([r["confidence"] for r in v]) for k, v in base.items()}
+    mode = mode_of(manifest.get("config", {}).get("mode", "remove"))
+    cl = mode.classes(acts, conf["target_fit"], conf["safety_fit"])
+    refused_safety = conf["safety_fit"] > 0.1
+    return manifest, {
+        "target": {"r": cl.refused, "c": cl.complied, "wr": cl.w_refused, "wc": cl.w_complied,
+                   "n": acts["neutral"]},
+        "safety": {"r": acts["safety_fit"][refused_safety], "c": acts["neutral"],
+                   "wr": conf["safety_fit"][refused_safety].abs(),
+                   "wc": torch.ones(len(acts["neutral"])), "n": acts["neutral"]},
+    }
+
+
+def fit(method: str, r: torch.Tensor, c: torch.Tensor, wr: torch.Tensor, wc: torch.Tensor,
+        neutral: torch.Tensor, lam: float) -> torch.Tensor:
+    kw: dict[str, Any] = {}
+    if method in ("rmd", "wrmd"):
+        kw["lam"] = lam
+    if method == "wrmd":
+        kw.update(w_refused=wr, w_complied=wc, neutral=neutral)
+    return get_method(method)(r, c, **kw)
+
+
+def folds(n: int, k: int, g: torch.Generator) -> list[torch.Tensor]:
+    return list(torch.randperm(n, generator=g).chunk(k))
+
+
+def oof_auc(method: str, x: dict[str, torch.Tensor], layer: int, lam: float, k: int = 4,
+            repeats: int = 8) -> float:
+    """Mean over repeats of the out-of-fold AUC (stratified: each class split into k folds)."""
+    r, c = x["r"][:, layer].double(), x["c"][:, layer].double()
+    neutral = x["n"][:, layer].double()
+    k = max(2, min(k, len(r), len(c)))
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(repeats):
+        fr, fc = folds(len(r), k, g), folds(len(c), k, g)
+        sr, sc = torch.empty(len(r), dtype=torch.float64), torch.empty(len(c), dtype=torch.float64)
+        for tr_r, tr_c in zip(fr, fc, strict=True):
+            keep_r = torch.ones(len(r), dtype=torch.bool)
+            keep_c = torch.ones(len(c), dtype=torch.bool)
+            keep_r[tr_r], keep_c[tr_c] = False, False
+            v = fit(method, r[keep_r], c[keep_c], x["wr"][keep_r], x["wc"][keep_c],
+                    neutral, lam).double()
+            sr[tr_r], sc[tr_c] = r[tr_r] @ v, c[tr_c] @ v
+        out.append(auc(sr, sc))
+    return sum(out) / len(out)
+
+
+def spread(v: torch.Tensor) -> dict[str, float]:
+    """How a direction's energy spreads over coordinates (1.0 = like a random direction)."""
+    e = (v.double() / v.double().norm()) ** 2
+    d = len(e)
+    srt = e.sort(descending=True).values
+    k90 = int((srt.cumsum(0) < 0.9).sum()) + 1
+    return {"pr_ratio": float(1.0 / (e ** 2).sum()) / (d / 3.0), "k90_share": k90 / d,
+            "top1": float(srt[0])}
+
+
+def measure(run: Path) -> dict[str, Any]:
+    manifest, cons = contrasts(run)
+    lam = float(manifest.get("config", {}).get("directions", {}).get("lam", 1e-2))
+    n_layers = next(iter(cons.values()))["r"].shape[1]
+    out: dict[str, Any] = {"run": str(run), "model": manifest.get("config", {}).get("model"),
+                           "n_layers": n_layers, "contrasts": {}}
+    for name, x in cons.items():
+        rows = []
+        for layer in range(1, n_layers):  # layer 0 (embeddings) sees only the last token
+            row: dict[str, Any] = {"layer": layer}
+            for m in METHODS:
+                row[f"auc_{m}"] = oof_auc(m, x, layer, lam)
+                v = fit(m, x["r"][:, layer], x["c"][:, layer], x["wr"], x["wc"],
+                        x["n"][:, layer], lam)
+                row.update({f"{key}_{m}": val for key, val in spread(v).items()})
+            rows.append(row)
+        out["contrasts"][name] = {"n_refused": len(x["r"]), "n_complied": len(x["c"]),
+                                  "layers": rows}
+    return out
+
+
+def summary(res: dict[str, Any]) -> list[list[Any]]:
+    """One row per contrast: where separability peaks, how spread the direction is there,
+    and MD against WRMD over the deeper half."""
+    n = res["n_layers"]
+    rows = []
+    for name, c in res["contrasts"].items():
+        ls = c["layers"]
+        best = max(ls, key=lambda r: r["auc_md"])
+        first = next(r for r in ls if r["auc_md"] >= best["auc_md"] - 0.02)
+        early = [r["auc_md"] for r in ls if r["layer"] < n / 3]
+        deep = [r for r in ls if r["layer"] >= n / 2]
+        mean = {m: sum(r[f"auc_{m}"] for r in deep) / len(deep) for m in METHODS}
+        wins = sum(r["auc_wrmd"] > r["auc_md"] for r in deep)
+        rows.append([res["model"], name, f"{c['n_refused']}/{c['n_complied']}",
+                     f"{best['layer']} ({best['layer'] / n:.2f}): {best['auc_md']:.3f}",
+                     f"{first['layer']} ({first['layer'] / n:.2f})",
+                     f"{sum(early) / len(early):.3f}",
+                     f"{best['pr_ratio_md']:.2f} / {best['k90_share_md']:.2f} / "
+                     f"{best['top1_md']:.3f}",
+                     f"{best['pr_ratio_wrmd']:.2f} / {best['k90_share_wrmd']:.2f}",
+                     " / ".join(f"{mean[m]:.3f}" for m in METHODS),
+                     f"{wins}/{len(deep)}"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    results = [measure(r) for r in args.runs]
+    head = ["model", "contrast", "refused / answered", "best layer (depth): OOF AUC (MD)",
+            "first layer within 0.02 of it", "mean OOF AUC, first third",
+            "at best layer, MD: PR / random, coords for 90 %, top coord",
+            "WRMD: PR / random, coords for 90 %",
+            "mean OOF AUC, deeper half: MD / RMD / WRMD", "layers there WRMD > MD"]
+    md = md_table(head, [row for r in results for row in summary(r)])
+    per_layer = []
+    for r in results:
+        for name, c in r["contrasts"].items():
+            for row in c["layers"]:
+                per_layer.append([r["model"], name, row["layer"],
+                                  *(f"{row[f'auc_{m}']:.3f}" for m in METHODS),
+                                  f"{row['pr_ratio_md']:.2f}", f"{row['top1_md']:.3f}"])
+    md += "\n\nPer layer:\n\n" + md_table(
+        ["model", "contrast", "layer", "OOF AUC MD", "RMD", "WRMD", "PR/random MD",
+         "top coord MD"], per_layer)
+    emit(md, args.md, {"runs": results}, args.json)
+
+
+if __name__ == "__main__":
+    main()
