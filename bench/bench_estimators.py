@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
+from bench_claims import METHODS
+from bench_claims import fit as fit_direction
 from common import REPO, emit, load_note, md_table, say
-
-METHODS = ("md", "rmd", "wrmd")
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
                          "run bench/bench_steer.py --out there first")
 
     from refusalkit.config import parse_set
-    from refusalkit.directions import get_method, per_layer
+    from refusalkit.directions import per_layer
     from refusalkit.evaluate import refusal_rate
     from refusalkit.quality import assess
     from refusalkit.quality import rates as quality_rates
@@ -60,11 +59,9 @@ def main() -> None:
         held = st.splits.target_eval
         cl = fit.classes
         for m in METHODS:
-            kw: dict[str, Any] = {"lam": cfg.directions.lam} if m != "md" else {}
-            if m == "wrmd":
-                kw.update(w_refused=cl.w_refused, w_complied=cl.w_complied,
-                          neutral=fit.acts["neutral"])
-            dirs = per_layer(get_method(m), cl.refused, cl.complied, **kw)
+            dirs = per_layer(lambda r, c, neutral, m=m: fit_direction(
+                m, r, c, cl.w_refused, cl.w_complied, neutral, cfg.directions.lam),
+                cl.refused, cl.complied, neutral=fit.acts["neutral"])
             gaps, levels = gaps_levels(cl, st.mode, dirs)
             prof = build_profile(params, dirs, gaps, space, gate, levels)
             js, opened = ex.gated_answers(held, prof)
