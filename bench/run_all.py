@@ -58,6 +58,8 @@ BENCHES: dict[str, Bench] = {
                    args=("--clients", "8", "--requests", "2"),
                    quick=("--clients", "4", "--requests", "2", "--repeats", "1"),
                    timeout_s=900),
+    "dtype": Bench("bench_dtype.py", "greedy generation in float32 vs bfloat16 weights",
+                   default=False, quick=("--n", "16", "--repeats", "1"), model_flag=True),
     "steer": Bench("bench_steer.py", "issue 4's acceptance run of configs/steer_qwen.toml "
                    "(about 22 min)", default=False, quick=(), timeout_s=3000),
     "analyze": Bench("bench_analyze.py", "the full `analyze` run (about 45 min)", md=False,
