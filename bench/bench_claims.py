@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from refusalkit.directions import get_method
 from refusalkit.geometry import auc
+from refusalkit.judge.protocol import THRESHOLD
 from refusalkit.steer.mode import mode_of
 
 METHODS = ("md", "rmd", "wrmd")
@@ -45,7 +46,7 @@ def contrasts(run: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tens
     conf = {k: torch.tensor([r["confidence"] for r in v]) for k, v in base.items()}
     mode = mode_of(manifest.get("config", {}).get("mode", "remove"))
     cl = mode.classes(acts, conf["target_fit"], conf["safety_fit"])
-    refused_safety = conf["safety_fit"] > 0.1
+    refused_safety = conf["safety_fit"] > THRESHOLD
     return manifest, {
         "target": {"r": cl.refused, "c": cl.complied, "wr": cl.w_refused, "wc": cl.w_complied,
                    "n": acts["neutral"]},
@@ -153,6 +154,10 @@ def main() -> None:
     ap.add_argument("--md", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    for r in args.runs:
+        if not (r / "stages" / "activations.safetensors").is_file():
+            raise SystemExit(f"error: {r} holds no steer run with stored activations; pass "
+                             "folders written by bench/bench_steer.py or `refusalkit steer`")
     results = [measure(r) for r in args.runs]
     head = ["model", "contrast", "refused / answered", "best layer (depth): OOF AUC (MD)",
             "first layer within 0.02 of it", "mean OOF AUC, first third",
