@@ -75,6 +75,12 @@ def main() -> None:
             say(f"{m}: refusal {data[m]['refusal']:.2f} useful {data[m]['useful']:.2f}")
             rows.append([m.upper(), f"{data[m]['refusal']:.2f}", f"{data[m]['useful']:.2f}",
                          f"{data[m]['on_topic']:.2f}", f"{data[m]['loop']:.2f}"])
+    same = (abs(data["md"]["refusal"] - metrics["target_refusal_after"]) < 1e-9
+            and abs(data["md"]["useful"] - metrics["target_useful_after"]) < 1e-9)
+    if not same:
+        say("warning: the MD row does not reproduce the run's own held-out figure; the model, "
+            "data, judge or code differ from the run's, so compare the rows with each other "
+            "only")
     md = (f"{cfg.model}, `{args.out}`: the chosen parameters {params} (layers "
           f"{data['md']['layers']}), held-out target ({len(held)} prompts; unsteered refusal "
           f"{metrics['target_refusal_before']:.2f}; the run's own MD figure "
