@@ -12,11 +12,12 @@ exactly as the pipeline builds them (`Mode.classes`). Two contrasts per run:
   direction is refusal, not topic; few answered prompts, so the figures are noisy);
 - **safety**: the harmful fitting prompts it refused vs the ordinary ones (neutral) it answered.
 
-Per layer and estimator (MD, RMD, WRMD; the run's λ): out-of-fold AUC (4-fold stratified,
-repeated 8 times; the direction is fitted on the other folds, WRMD with their weights and the
-neutral set), and, for the direction fitted on all rows, how its energy spreads over the
-coordinates: the participation ratio 1/Σv̂ᵢ⁴ over what a random direction gives (d/3), the
-share of coordinates holding 90 % of the energy, and the largest coordinate's share.
+Per layer and estimator (MD, RMD, WRMD as the pipeline fits them, the run's λ): out-of-fold
+AUC (4-fold stratified, 8 fold draws; the direction is fitted on the other folds, WRMD with
+their weights and the neutral set), and, for the direction fitted on all rows, how its
+energy spreads over the coordinates: the participation ratio 1/Σv̂ᵢ⁴ over what a random
+direction gives (d/3), the share of coordinates holding 90 % of the energy, and the largest
+coordinate's share.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import torch
 from common import emit, md_table
 from safetensors.torch import load_file
 
-from refusalkit.directions import get_method
-from refusalkit.geometry import auc
+from refusalkit.analyze.geometry import count_for_fraction, participation_ratio, separability
 from refusalkit.judge.protocol import THRESHOLD
+from refusalkit.steer.fit import estimate
 from refusalkit.steer.mode import mode_of
 
 METHODS = ("md", "rmd", "wrmd")
@@ -56,50 +57,33 @@ def contrasts(run: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tens
     }
 
 
-def fit(method: str, r: torch.Tensor, c: torch.Tensor, wr: torch.Tensor, wc: torch.Tensor,
-        neutral: torch.Tensor, lam: float) -> torch.Tensor:
-    kw: dict[str, Any] = {}
-    if method in ("rmd", "wrmd"):
-        kw["lam"] = lam
-    if method == "wrmd":
-        kw.update(w_refused=wr, w_complied=wc, neutral=neutral)
-    return get_method(method)(r, c, **kw)
-
-
-def folds(n: int, k: int, g: torch.Generator) -> list[torch.Tensor]:
-    return list(torch.randperm(n, generator=g).chunk(k))
+def fit(method: str, x: dict[str, torch.Tensor], layer: int, lam: float,
+        keep_r: torch.Tensor | None = None, keep_c: torch.Tensor | None = None
+        ) -> torch.Tensor:
+    """The pipeline's estimator (steer.fit.estimate) at one layer, on the rows kept."""
+    kr = slice(None) if keep_r is None else keep_r
+    kc = slice(None) if keep_c is None else keep_c
+    return estimate(method, x["r"][kr, layer], x["c"][kc, layer], w_refused=x["wr"][kr],
+                    w_complied=x["wc"][kc], neutral=x["n"][:, layer], lam=lam)
 
 
 def oof_auc(method: str, x: dict[str, torch.Tensor], layer: int, lam: float, k: int = 4,
             repeats: int = 8) -> float:
-    """Mean over repeats of the out-of-fold AUC (stratified: each class split into k folds)."""
-    r, c = x["r"][:, layer].double(), x["c"][:, layer].double()
-    neutral = x["n"][:, layer].double()
-    k = max(2, min(k, len(r), len(c)))
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(repeats):
-        fr, fc = folds(len(r), k, g), folds(len(c), k, g)
-        sr, sc = torch.empty(len(r), dtype=torch.float64), torch.empty(len(c), dtype=torch.float64)
-        for tr_r, tr_c in zip(fr, fc, strict=True):
-            keep_r = torch.ones(len(r), dtype=torch.bool)
-            keep_c = torch.ones(len(c), dtype=torch.bool)
-            keep_r[tr_r], keep_c[tr_c] = False, False
-            v = fit(method, r[keep_r], c[keep_c], x["wr"][keep_r], x["wc"][keep_c],
-                    neutral, lam).double()
-            sr[tr_r], sc[tr_c] = r[tr_r] @ v, c[tr_c] @ v
-        out.append(auc(sr, sc))
-    return sum(out) / len(out)
+    """Mean over repeats of the out-of-fold AUC (analyze.geometry.separability, each class
+    split into k folds), the direction fitted by `method` on the other folds."""
+    r, c = x["r"][:, layer], x["c"][:, layer]
+    return sum(separability(r, c, folds=k, seed=rep,
+                            direction=lambda kr, kc: fit(method, x, layer, lam, kr, kc))
+               for rep in range(repeats)) / repeats
 
 
 def spread(v: torch.Tensor) -> dict[str, float]:
-    """How a direction's energy spreads over coordinates (1.0 = like a random direction)."""
-    e = (v.double() / v.double().norm()) ** 2
+    """How a direction's energy spreads over coordinates (1.0 = like a random direction,
+    whose participation ratio is about d/3)."""
+    e = ((v.double() / v.double().norm()) ** 2).sort(descending=True).values
     d = len(e)
-    srt = e.sort(descending=True).values
-    k90 = int((srt.cumsum(0) < 0.9).sum()) + 1
-    return {"pr_ratio": float(1.0 / (e ** 2).sum()) / (d / 3.0), "k90_share": k90 / d,
-            "top1": float(srt[0])}
+    return {"pr_ratio": participation_ratio(v) / (d / 3.0),
+            "k90_share": count_for_fraction(e, 0.9) / d, "top1": float(e[0])}
 
 
 def measure(run: Path) -> dict[str, Any]:
@@ -114,9 +98,8 @@ def measure(run: Path) -> dict[str, Any]:
             row: dict[str, Any] = {"layer": layer}
             for m in METHODS:
                 row[f"auc_{m}"] = oof_auc(m, x, layer, lam)
-                v = fit(m, x["r"][:, layer], x["c"][:, layer], x["wr"], x["wc"],
-                        x["n"][:, layer], lam)
-                row.update({f"{key}_{m}": val for key, val in spread(v).items()})
+                row.update({f"{key}_{m}": val
+                            for key, val in spread(fit(m, x, layer, lam)).items()})
             rows.append(row)
         out["contrasts"][name] = {"n_refused": len(x["r"]), "n_complied": len(x["c"]),
                                   "layers": rows}

@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 from bench_claims import METHODS
-from bench_claims import fit as fit_direction
 from common import REPO, emit, load_note, md_table, say
 
 
@@ -37,12 +36,11 @@ def main() -> None:
                          "run bench/bench_steer.py --out there first")
 
     from refusalkit.config import parse_set
-    from refusalkit.directions import per_layer
     from refusalkit.evaluate import refusal_rate
     from refusalkit.quality import assess
     from refusalkit.quality import rates as quality_rates
     from refusalkit.steer.config import SteerConfig
-    from refusalkit.steer.fit import gaps_levels, gate_of_record, search_space
+    from refusalkit.steer.fit import estimate, gaps_levels, gate_of_record, search_space
     from refusalkit.steer.pipeline import steer_state
     from refusalkit.steer.search import build_profile
 
@@ -59,9 +57,9 @@ def main() -> None:
         held = st.splits.target_eval
         cl = fit.classes
         for m in METHODS:
-            dirs = per_layer(lambda r, c, neutral, m=m: fit_direction(
-                m, r, c, cl.w_refused, cl.w_complied, neutral, cfg.directions.lam),
-                cl.refused, cl.complied, neutral=fit.acts["neutral"])
+            dirs = estimate(m, cl.refused, cl.complied, w_refused=cl.w_refused,
+                            w_complied=cl.w_complied, neutral=fit.acts["neutral"],
+                            lam=cfg.directions.lam)
             gaps, levels = gaps_levels(cl, st.mode, dirs)
             prof = build_profile(params, dirs, gaps, space, gate, levels)
             js, opened = ex.gated_answers(held, prof)

@@ -7,7 +7,7 @@ float64. Every function that samples takes an explicit seed, so results are repr
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -113,12 +113,17 @@ def resampled_directions(pos: torch.Tensor, neg: torch.Tensor, n: int, resamples
 
 # ---------------------------------------------------------------- where the signal lives
 
-def separability(pos: torch.Tensor, neg: torch.Tensor, *, folds: int = 4, seed: int = 0) -> float:
-    """Cross-validated AUC of a difference-in-means probe ([n, d] vs [m, d]).
+def separability(pos: torch.Tensor, neg: torch.Tensor, *, folds: int = 4, seed: int = 0,
+                 direction: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                 ) -> float:
+    """Cross-validated AUC of a linear probe ([n, d] vs [m, d]); by default the difference in
+    means.
 
     The direction is fitted on the other folds and scores the held-out fold, so with d ≫ n
     the number is not inflated by fitting noise (in-sample AUC is ~1 for any two sets).
     0.5 = no linear signal along the class-mean axis, 1 = perfectly separated.
+    `direction(train_pos, train_neg)` (boolean row masks) fits another estimator — one that
+    needs per-row weights or a reference set reads them through the masks.
     """
     folds = max(2, min(folds, len(pos), len(neg)))
     g = torch.Generator().manual_seed(seed)
@@ -128,7 +133,8 @@ def separability(pos: torch.Tensor, neg: torch.Tensor, *, folds: int = 4, seed: 
     for k in range(folds):
         tp, tn = fp == k, fn == k
         mid = (pos[~tp].double().mean(0) + neg[~tn].double().mean(0)) / 2
-        v = unit(pos[~tp].double().mean(0) - neg[~tn].double().mean(0))
+        v = (unit(pos[~tp].double().mean(0) - neg[~tn].double().mean(0)) if direction is None
+             else direction(~tp, ~tn).double())
         sp[tp] = (pos[tp].double() - mid) @ v
         sn[tn] = (neg[tn].double() - mid) @ v
     return auc(sp, sn)

@@ -50,22 +50,33 @@ def activations(lm: LoadedModel, splits: Splits, position: int, batch_size: int,
             for name in FITTING}
 
 
+def estimate(method: str, refused: torch.Tensor, complied: torch.Tensor, *,
+             w_refused: torch.Tensor, w_complied: torch.Tensor, neutral: torch.Tensor,
+             lam: float) -> torch.Tensor:
+    """One estimator's direction from the two classes: [n, d] rows give [d], [n, L, d] give
+    one per layer [L, d]. Each estimator gets only what it reads (λ for the ridge ones;
+    WRMD also the confidence weights and the neutral reference set)."""
+    kwargs: dict[str, Any] = {}
+    if method in ("rmd", "wrmd"):
+        kwargs["lam"] = lam
+    if method == "wrmd":
+        kwargs.update(w_refused=w_refused, w_complied=w_complied, neutral=neutral)
+    fn = get_method(method)
+    return per_layer(fn, refused, complied, **kwargs) if refused.ndim == 3 else fn(
+        refused, complied, **kwargs)
+
+
 def directions(acts: dict[str, torch.Tensor], cl: Classes, mode: Mode,
                spec: DirectionConfig) -> dict[str, torch.Tensor]:
     """The directions stage: the configured estimator per layer, its gaps, and the other
     estimator of the md / wrmd pair (steered the same way, as a baseline)."""
-    def estimate(method: str) -> torch.Tensor:
-        kwargs: dict[str, Any] = {}
-        if method in ("rmd", "wrmd"):
-            kwargs["lam"] = spec.lam
-        if method == "wrmd":
-            kwargs.update(w_refused=cl.w_refused, w_complied=cl.w_complied,
-                          neutral=acts["neutral"])
-        return per_layer(get_method(method), cl.refused, cl.complied, **kwargs)
+    def of(method: str) -> torch.Tensor:
+        return estimate(method, cl.refused, cl.complied, w_refused=cl.w_refused,
+                        w_complied=cl.w_complied, neutral=acts["neutral"], lam=spec.lam)
 
-    dirs = estimate(spec.method)
+    dirs = of(spec.method)
     return {"directions": dirs, "gaps": torch.tensor(gaps_levels(cl, mode, dirs)[0]),
-            **{m: estimate(m) for m in BASELINE_METHODS if m != spec.method}}
+            **{m: of(m) for m in BASELINE_METHODS if m != spec.method}}
 
 
 def fit_of(acts: dict[str, torch.Tensor], c_target: torch.Tensor, cl: Classes,
