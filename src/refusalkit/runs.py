@@ -17,8 +17,10 @@ import logging
 import os
 import platform
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -117,12 +119,67 @@ def run_manifest(command: str, config: Mapping[str, Any], *, model: Mapping[str,
     return {**out, **extra}
 
 
-def check_run_folder(path: str | Path, resume: bool) -> None:
-    """Fail early (before loading a model) if `path` cannot hold this run.
+@dataclass(frozen=True)
+class Reads:
+    """What one stage's result depends on, so that a run can take it from an earlier run
+    whose inputs were the same (`RunDir(reuse_from=...)`): config keys as dotted paths (a
+    trailing `*` matches a prefix, `*` alone the whole config), prompt sets by their manifest
+    name (same wildcards), and earlier stages, compared by their stored bytes. The model
+    record always counts. A stage that reads more than it declares would be reused wrongly,
+    so the declarations are tested against what the stage functions touch."""
+
+    config: tuple[str, ...] = ()
+    sets: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+
+
+def stage_inputs(manifest: Mapping[str, Any], stages: Path, reads: Reads) -> dict[str, Any]:
+    """Everything `reads` names, taken from a run's manifest and stage folder: two runs whose
+    values are equal would compute the same stage (package versions aside, as for resume)."""
+    config = _flatten(manifest.get("config", {}))
+    sets = {d["name"]: d["sha256"] for d in manifest.get("datasets", [])}
+    after = {}
+    for name in reads.after:
+        found = [p for p in (stages / f"{name}.json", stages / f"{name}.safetensors")
+                 if p.is_file()]
+        after[name] = file_sha256(found[0]) if found else None
+    return {"model": manifest.get("model"), "after": after,
+            "config": {k: v for k, v in config.items() if _matches(k, reads.config)},
+            "sets": {k: v for k, v in sets.items() if _matches(k, reads.sets)}}
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    """A dotted key against patterns: exact, a section (`data` holds `data.n_fit`), or a
+    prefix ending in `*`."""
+    for pat in patterns:
+        if pat.endswith("*"):
+            if key.startswith(pat[:-1]):
+                return True
+        elif key == pat or key.startswith(pat + "."):
+            return True
+    return False
+
+
+def check_run_folder(path: str | Path, resume: bool,
+                     reuse_from: str | Path | None = None) -> None:
+    """Fail early (before loading a model) if `path` cannot hold this run, or `reuse_from`
+    is not a run to take stages from.
 
     `resume` on a folder that holds no run yet simply starts one, so scripts can always
     pass --resume."""
     path = Path(path)
+    if reuse_from is not None:
+        _source_run(reuse_from, path)
     if path.exists() and not path.is_dir():
         raise UserError(f"run folder '{path}' is a file; choose a folder path")
     if (path / MANIFEST).is_file():
@@ -143,10 +200,11 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path, manifest: Mapping[str, Any], *,
-                 resume: bool = False) -> None:
+                 resume: bool = False, reuse_from: str | Path | None = None) -> None:
         self.path = Path(path)
         existing = self.path / MANIFEST
         check_run_folder(self.path, resume)
+        self.source = _source_run(reuse_from, self.path) if reuse_from is not None else None
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = _acquire(self.path / LOCK)
         if existing.is_file():
@@ -160,9 +218,11 @@ class RunDir:
         _remove_stale_temps(self.path)
         (self.path / STAGES).mkdir(exist_ok=True)
         atomic_write_json(existing, {**manifest, "versions": versions()})
+        self.manifest = dict(manifest)
         self.resume = resume
         self.ran: list[str] = []  # stages computed (not reused) in this process
         self.reused: list[str] = []
+        self.borrowed: list[str] = []  # stages copied from `reuse_from` in this process
         self.log = _file_logger(self.path / "run.log")
         self.log.info("run opened (%s)", "resume" if resume else "new")
 
@@ -204,9 +264,33 @@ class RunDir:
         return (self._stage_path(name, ".json").is_file()
                 or self._stage_path(name, ".safetensors").is_file())
 
-    def stage(self, name: str, compute: Callable[[], T]) -> T:
-        """JSON-valued stage: reuse the stored result, or compute, store and return it."""
+    def borrow(self, name: str, suffix: str, reads: Reads | None) -> bool:
+        """Copy stage `name` from the run given as `reuse_from` when everything `reads` names
+        is the same there as here; False when there is no such run, stage or match."""
+        if self.source is None or reads is None:
+            return False
+        src_dir, src_manifest = self.source
+        src = src_dir / STAGES / f"{name}{suffix}"
+        if not src.is_file() or (stage_inputs(src_manifest, src_dir / STAGES, reads)
+                                 != stage_inputs(self.manifest, self.path / STAGES, reads)):
+            return False
+        dst = self._stage_path(name, suffix)
+        tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+        self.borrowed.append(name)
+        self.log.info("stage %s: taken from %s (same inputs)", name, src_dir)
+        record = self.path / "reused.json"
+        taken = json.loads(record.read_text()) if record.is_file() else {}
+        atomic_write_json(record, {**taken, name: str(src_dir)})
+        return True
+
+    def stage(self, name: str, compute: Callable[[], T], reads: Reads | None = None) -> T:
+        """JSON-valued stage: reuse the stored result (or, with `reads`, the reuse_from
+        run's), or compute, store and return it."""
         path = self._stage_path(name, ".json")
+        if not path.is_file() and self.borrow(name, ".json", reads):
+            return json.loads(path.read_text())
         if path.is_file():
             self.reused.append(name)
             self.log.info("stage %s: reused", name)
@@ -216,12 +300,14 @@ class RunDir:
         self._finish(name)
         return json.loads(path.read_text())  # callers see exactly what a resume would see
 
-    def tensor_stage(self, name: str,
-                     compute: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def tensor_stage(self, name: str, compute: Callable[[], Mapping[str, torch.Tensor]],
+                     reads: Reads | None = None) -> dict[str, torch.Tensor]:
         """Tensor-valued stage, stored as safetensors."""
         from safetensors.torch import load_file, save_file
 
         path = self._stage_path(name, ".safetensors")
+        if not path.is_file() and self.borrow(name, ".safetensors", reads):
+            return load_file(str(path))
         if path.is_file():
             self.reused.append(name)
             self.log.info("stage %s: reused", name)
@@ -254,6 +340,21 @@ class RunDir:
     def _finish(self, name: str) -> None:
         self.ran.append(name)
         self.log.info("stage %s: stored", name)
+
+
+def _source_run(path: str | Path, own: Path) -> tuple[Path, dict[str, Any]]:
+    """The run a new run may take stages from: a folder holding a manifest, not this one."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise UserError(f"--reuse-from '{path}' holds no run (no {MANIFEST}); give the "
+                        "folder of an earlier run")
+    if path.resolve() == own.resolve():
+        raise UserError(f"--reuse-from '{path}' is the run folder itself; to continue a run "
+                        "use --resume")
+    try:
+        return path, json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path / MANIFEST}: {exc}") from None
 
 
 def _acquire(path: Path) -> Any:

@@ -17,6 +17,9 @@ def register(app: typer.Typer) -> None:
         config: Path | None = typer.Argument(None, help="TOML config (defaults if omitted)."),
         out: Path = typer.Option(Path("runs/steer"), "--out", help="Run folder."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
+        reuse_from: Path | None = typer.Option(
+            None, "--reuse-from", help="An earlier run folder: copy each stage whose inputs "
+            "(the config keys, prompt sets and earlier stages it reads) are the same there."),
         model: str | None = typer.Option(None, "--model", help="Overrides model."),
         mode: str | None = typer.Option(None, "--mode", help="remove | induce."),
         method: str | None = typer.Option(None, "--method", help="md | rmd | wrmd | pca."),
@@ -41,12 +44,18 @@ def register(app: typer.Typer) -> None:
         from refusalkit.steer.pipeline import run_steer
 
         opts = options(ctx)
-        path = run_steer(cfg, out, resume=resume, show_progress=opts.progress)
+        path = run_steer(cfg, out, resume=resume, show_progress=opts.progress,
+                         reuse_from=reuse_from)
         metrics = json.loads((path / "metrics.json").read_text())
+        reused = path / "reused.json"
+        taken = list(json.loads(reused.read_text())) if reused.is_file() else []
         if opts.json:
             typer.echo(json.dumps({"run": str(path), **metrics}))
             return
         if not opts.quiet:
+            if reuse_from is not None:
+                typer.echo(f"taken from {reuse_from}: {', '.join(taken) or 'no stage'} "
+                           "(the rest computed)")
             typer.echo(
                 f"target refusal {metrics['target_refusal_before']:.0%} → "
                 f"{metrics['target_refusal_after']:.0%}, safety refusal "

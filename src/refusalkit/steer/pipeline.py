@@ -29,7 +29,7 @@ from refusalkit.models import LoadedModel, load_model
 from refusalkit.prompts import write_jsonl
 from refusalkit.quality import assess
 from refusalkit.quality import rates as quality_rates
-from refusalkit.runs import RunDir, check_run_folder, run_manifest
+from refusalkit.runs import Reads, RunDir, check_run_folder, run_manifest
 from refusalkit.scoring import refusal_log_odds, refusal_token_ids
 from refusalkit.steer.baselines import arditi_baseline, arditi_profile
 from refusalkit.steer.choose import proxy_agreement
@@ -59,12 +59,42 @@ from refusalkit.steer.search import (
     trial_record,
 )
 
+# What each stage reads (besides the model), so `--reuse-from` can take a stage from an
+# earlier run that had the same inputs: a changed estimator keeps the baseline, activations,
+# gate and Arditi stages (35 min of the 0.5B run); a changed judge keeps the activations and
+# the gate. The fitting stages name exactly what their functions read (tests/test_reuse.py
+# holds them to it); search and verify read every section but `eval`, evaluate everything.
+_GATE_SETS = ("target_fit", "gate_target", "gate_topic", "neutral", "safety_fit",
+              "gate_negatives")
+_CHOOSING = ("model", "mode", "seed", "batch_size", "data", "judge", "directions", "search")
+STAGE_READS: dict[str, Reads] = {
+    "baseline": Reads(("model", "seed", "batch_size", "judge"), FITTING),
+    "activations": Reads(("model", "batch_size", "directions.position"), FITTING),
+    "directions": Reads(("mode", "directions"), after=("baseline", "activations")),
+    "layers": Reads(("mode",), after=("baseline", "activations", "directions")),
+    "gate": Reads(("model", "seed", "batch_size", "search.gate_*", "data.neutral",
+                   "data.n_fit", "data.n_proxy", "data.n_gate", "data.gate_sources"),
+                  _GATE_SETS, after=("activations",)),
+    "arditi": Reads(("seed",), ("safety_fit", "neutral", "neutral_proxy"),
+                    after=("baseline", "activations")),
+    "search": Reads(_CHOOSING, ("*",), after=("baseline", "activations", "directions",
+                                                "gate")),
+    "verify": Reads(_CHOOSING, ("*",), after=("baseline", "activations", "directions", "gate",
+                                                "search")),
+    "evaluate": Reads(("*",), ("*",), after=("baseline", "activations", "directions", "gate",
+                                            "arditi", "search", "verify")),
+}
+
 
 def run_steer(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
-              show_progress: bool = True, lm: LoadedModel | None = None) -> Path:
-    """Run the whole pipeline into the run folder `out`; returns its path."""
+              show_progress: bool = True, lm: LoadedModel | None = None,
+              reuse_from: str | Path | None = None) -> Path:
+    """Run the whole pipeline into the run folder `out`; returns its path. With
+    `reuse_from` (an earlier run's folder) every stage whose inputs are unchanged there is
+    copied instead of computed (STAGE_READS)."""
     t_start = time.perf_counter()
-    with steer_state(cfg, out, resume=resume, show_progress=show_progress, lm=lm) as state:
+    with steer_state(cfg, out, resume=resume, show_progress=show_progress, lm=lm,
+                     reuse_from=reuse_from) as state:
         state.run_stages()
         run = state.run
         timings = run.read_json("timings.json") if run.file("timings.json").is_file() else {}
@@ -75,12 +105,12 @@ def run_steer(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
 
 @contextmanager
 def steer_state(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
-                show_progress: bool = True, lm: LoadedModel | None = None
-                ) -> Iterator[Steer]:
+                show_progress: bool = True, lm: LoadedModel | None = None,
+                reuse_from: str | Path | None = None) -> Iterator[Steer]:
     """The run folder open with its examiner and splits: for the whole pipeline, or for a
     study (bench/bench_tradeoff.py) that reuses the fitting stages and sweeps profiles."""
     splits = split_data(cfg.data, cfg.seed)
-    check_run_folder(out, resume)  # fail before the (slow) model load
+    check_run_folder(out, resume, reuse_from)  # fail before the (slow) model load
     # Looping output counts as refusal whatever the judge: steering pushed too far loops, and
     # must not pass for steering that works (judge/guard.py).
     judge = guarded(make_judge(cfg.judge.spec))
@@ -88,7 +118,7 @@ def steer_state(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
     manifest = run_manifest("steer", cfg.model_dump(mode="json"), model=model_record(lm),
                             datasets=[dataset_record(k, v) for k, v in splits.named().items()],
                             seeds={"seed": cfg.seed})
-    with RunDir(out, manifest, resume=resume) as run:
+    with RunDir(out, manifest, resume=resume, reuse_from=reuse_from) as run:
         decoding = Decoding(cfg.judge.mode, cfg.judge.k, cfg.judge.max_new_tokens, cfg.seed)
         ex = Examiner(lm, judge, decoding, cache=JudgementCache(run.file("judgements.sqlite")),
                       batch_size=cfg.batch_size, show_progress=show_progress)
@@ -113,13 +143,13 @@ class Steer:
         proxies = self.mode.proxies(self.splits.target_fit, self.splits.neutral,
                                     self.splits.safety_fit, base, cfg.data.n_proxy)
         searched = run.stage("search", lambda: self.search(fit, space, proxies, gate,
-                                                            gate_rec))
-        verified = run.stage("verify", lambda: self.verify(fit, space, proxies, gate, base,
-                                                            searched["candidates"]))
+                                                            gate_rec), STAGE_READS["search"])
+        verified = run.stage("verify", lambda: self.verify(
+            fit, space, proxies, gate, base, searched["candidates"]), STAGE_READS["verify"])
         profile = self.profile(fit, space, gate, verified["chosen"]["params"])
         baselines = self.baselines(fit, space, gate, verified["chosen"]["params"], base)
         evaluated = run.stage("evaluate", lambda: evaluate_all(
-            ex, self.splits, profile, baselines, cfg.eval.examples))
+            ex, self.splits, profile, baselines, cfg.eval.examples), STAGE_READS["evaluate"])
         examples = evaluated.get("_examples", [])
         write_jsonl(run.file("answers.jsonl"), evaluated.get("_answers", []))
         metrics = self.metrics(evaluated, profile, verified, searched, gate_rec)
@@ -131,17 +161,20 @@ class Steer:
         """Stages 1-4: baseline judgements, activations, directions with the layer table, and
         the topic gate's record (None when the config turns it off)."""
         run, cfg, ex = self.run, self.cfg, self.ex
-        base = run.stage("baseline", self.baseline)
+        reads = STAGE_READS
+        base = run.stage("baseline", self.baseline, reads["baseline"])
         acts = run.tensor_stage("activations", lambda: activations(
-            ex.lm, self.splits, cfg.directions.position, cfg.batch_size, ex.show_progress))
+            ex.lm, self.splits, cfg.directions.position, cfg.batch_size, ex.show_progress),
+            reads["activations"])
         c_target = confidences(base, "target_fit")
         cl = self.mode.classes(acts, c_target, confidences(base, "safety_fit"))
         fit = fit_of(acts, c_target, cl, run.tensor_stage(
-            "directions", lambda: directions(acts, cl, self.mode, cfg.directions)), self.mode)
-        layer_rows = run.stage("layers", lambda: layer_table(fit, self.mode))
+            "directions", lambda: directions(acts, cl, self.mode, cfg.directions),
+            reads["directions"]), self.mode)
+        layer_rows = run.stage("layers", lambda: layer_table(fit, self.mode), reads["layers"])
         gate_rec = (run.stage("gate", lambda: fit_topic_gate(
             ex.lm, acts, self.splits, cfg.search, batch_size=cfg.batch_size, seed=cfg.seed,
-            show_progress=ex.show_progress))
+            show_progress=ex.show_progress), reads["gate"])
                     if cfg.search.gate != "off" else None)
         return base, fit, layer_rows, gate_rec
 
@@ -218,7 +251,7 @@ class Steer:
             out[f"{m}_steering"] = build_profile(params, dirs, gaps, space, gate, levels)
         if self.mode.arditi_baseline:
             rec = self.run.stage("arditi", lambda: arditi_baseline(
-                self.ex.lm, fit.acts, self.splits, base, self.cfg.seed))
+                self.ex.lm, fit.acts, self.splits, base, self.cfg.seed), STAGE_READS["arditi"])
             out["arditi_ablation"] = arditi_profile(rec, self.ex.lm)
         return out
 

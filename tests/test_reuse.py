@@ -1,0 +1,158 @@
+"""Taking stages from an earlier run (--reuse-from): only stages whose inputs are unchanged
+are copied, and a run built that way ends exactly where a fresh run would."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PlantedWord, build_tiny
+from test_steer import tiny_cfg
+
+from refusalkit.errors import UserError
+from refusalkit.runs import Reads, RunDir, run_manifest, stage_inputs
+from refusalkit.steer.config import SteerConfig
+from refusalkit.steer.fit import activations, fit_topic_gate
+from refusalkit.steer.pipeline import STAGE_READS, run_steer, split_data
+
+
+def manifest(**config: Any) -> dict[str, Any]:
+    cfg = {"seed": 0, "search": {"trials": 4, "gate_pool": "mean"}, "data": {"n_fit": 8},
+           **config}
+    return run_manifest("t", cfg, model={"name": "m", "fingerprint": "f"},
+                        datasets=[{"name": "a", "count": 1, "sha256": "x"},
+                                  {"name": "gate_check:b", "count": 1, "sha256": "y"}])
+
+
+def test_inputs_pick_keys_sections_prefixes_and_sets(tmp_path: Path) -> None:
+    m = manifest()
+    got = stage_inputs(m, tmp_path, Reads(("seed", "data", "search.gate_*"), ("gate_check:*",)))
+    assert got["config"] == {"seed": 0, "data.n_fit": 8, "search.gate_pool": "mean"}
+    assert got["sets"] == {"gate_check:b": "y"}
+    assert got["model"] == m["model"]
+    everything = stage_inputs(m, tmp_path, Reads(("*",), ("*",)))
+    assert set(everything["config"]) == {"seed", "search.trials", "search.gate_pool",
+                                         "data.n_fit"}
+    assert set(everything["sets"]) == {"a", "gate_check:b"}
+
+
+def test_a_stage_is_copied_only_when_its_inputs_match(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def compute(name: str, value: Any) -> Any:
+        calls.append(name)
+        return value
+
+    first = Reads(("data",))
+    second = Reads(("search",), after=("first",))
+    with RunDir(tmp_path / "a", manifest()) as run:
+        run.stage("first", lambda: compute("first", {"v": 1}), first)
+        run.stage("second", lambda: compute("second", {"v": 2}), second)
+    # search changed: `first` does not read it and is copied; `second` is computed
+    b = manifest(search={"trials": 9, "gate_pool": "mean"})
+    calls.clear()
+    with RunDir(tmp_path / "b", b, reuse_from=tmp_path / "a") as run:
+        assert run.stage("first", lambda: compute("first", {"v": 1}), first) == {"v": 1}
+        assert run.stage("second", lambda: compute("second", {"v": 5}), second) == {"v": 5}
+        assert run.borrowed == ["first"] and calls == ["second"]
+    assert json.loads((tmp_path / "b" / "reused.json").read_text()) == {
+        "first": str(tmp_path / "a")}
+    # data changed: `first` is computed, and comes out different, so `second` (which reads
+    # it) is computed too although search is as in run a
+    calls.clear()
+    with RunDir(tmp_path / "c", manifest(data={"n_fit": 9}), reuse_from=tmp_path / "a") as run:
+        run.stage("first", lambda: compute("first", {"v": 3}), first)
+        run.stage("second", lambda: compute("second", {"v": 2}), second)
+        assert run.borrowed == [] and calls == ["first", "second"]
+    # a different model: nothing is taken
+    other = {**manifest(), "model": {"name": "m", "fingerprint": "g"}}
+    with RunDir(tmp_path / "d", other, reuse_from=tmp_path / "a") as run:
+        run.stage("first", lambda: {"v": 1}, first)
+        assert run.borrowed == []
+    # stages without declared inputs are never taken
+    with RunDir(tmp_path / "e", manifest(), reuse_from=tmp_path / "a") as run:
+        run.stage("first", lambda: {"v": 1})
+        assert run.borrowed == []
+
+
+def test_a_bad_reuse_folder_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="holds no run"):
+        RunDir(tmp_path / "new", manifest(), reuse_from=tmp_path / "nothing")
+    RunDir(tmp_path / "a", manifest()).close()
+    with pytest.raises(UserError, match="--resume"):
+        RunDir(tmp_path / "a", manifest(), resume=True, reuse_from=tmp_path / "a")
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_cli_checks_the_reuse_folder_before_loading_a_model(tmp_path: Path) -> None:
+    """One line, and before the model load: an unknown model would be the error otherwise."""
+    from test_cli_usability import cli, one_line_error
+
+    proc = cli("steer", "--model", "no-such-model", "--out", str(tmp_path / "r"),
+               "--reuse-from", str(tmp_path / "x"))
+    assert "no-such-model" not in one_line_error(proc, "holds no run")
+
+
+def test_choosing_stages_read_every_section_but_eval() -> None:
+    """A new config section must be declared: search and verify read all but `eval`."""
+    sections = set(SteerConfig.model_fields)
+    for name in ("search", "verify"):
+        assert set(STAGE_READS[name].config) | {"eval"} == sections, name
+    assert STAGE_READS["evaluate"].config == ("*",)
+
+
+class Recording:
+    """A config section that notes which fields are read."""
+
+    def __init__(self, obj: Any) -> None:
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "seen", set())
+
+    def __getattr__(self, name: str) -> Any:
+        self.seen.add(name)
+        return getattr(self._obj, name)
+
+
+def test_the_gate_stage_reads_only_the_search_keys_it_declares() -> None:
+    """The gate stage declares `search.gate_*`: fitting it must read no other search key,
+    or a run that changed that key would take a stale gate."""
+    lm = build_tiny("llama")
+    cfg = tiny_cfg(**{"search.gate_veto": 0.1, "search.gate_phrasings": ["Q: {prompt}"]})
+    splits = split_data(cfg.data, cfg.seed)
+    acts = activations(lm, splits, cfg.directions.position, cfg.batch_size, False)
+    search = Recording(cfg.search)
+    fit_topic_gate(lm, acts, splits, search, batch_size=cfg.batch_size,  # type: ignore[arg-type]
+                   seed=cfg.seed, show_progress=False)
+    assert search.seen and all(k.startswith("gate_") for k in search.seen), search.seen
+    declared = [k for k in STAGE_READS["gate"].config if k.startswith("search.")]
+    assert declared == ["search.gate_*"]
+
+
+@pytest.mark.parametrize(("change", "taken"), [
+    ({"directions.method": "md"}, {"baseline", "activations", "gate", "arditi"}),
+    ({"search.trials": 2}, {"baseline", "activations", "directions", "layers", "gate",
+                            "arditi"}),
+    ({"eval.examples": 2}, {"baseline", "activations", "directions", "layers", "gate",
+                            "arditi", "search", "verify"}),
+])
+def test_a_reused_run_ends_where_a_fresh_one_does(tmp_path: Path, monkeypatch,
+                                                  change: dict[str, Any],
+                                                  taken: set[str]) -> None:
+    """Tiny model, remove mode (every stage, Arditi too): a run with one key changed, taking
+    stages from the earlier run, takes exactly the stages that do not read that key and
+    writes the same metrics, answers and profile as a fresh run of the changed config."""
+    lm = build_tiny("llama")
+    monkeypatch.setattr("refusalkit.steer.pipeline.make_judge", lambda spec: PlantedWord())
+    base = run_steer(tiny_cfg(mode="remove"), tmp_path / "a", show_progress=False, lm=lm)
+    cfg = tiny_cfg(mode="remove", **change)
+    reused = run_steer(cfg, tmp_path / "b", show_progress=False, lm=lm, reuse_from=base)
+    fresh = run_steer(cfg, tmp_path / "c", show_progress=False, lm=lm)
+    assert set(json.loads((reused / "reused.json").read_text())) == taken
+    computed = set(json.loads((reused / "timings.json").read_text())) - {"total_this_process"}
+    assert not computed & taken and "evaluate" in computed
+    for name in ("metrics.json", "answers.jsonl", "profile/tensors.safetensors"):
+        assert (reused / name).read_bytes() == (fresh / name).read_bytes(), name
+    if "directions.method" in change:  # the change mattered: the other estimator steers
+        assert (reused / "metrics.json").read_bytes() != (base / "metrics.json").read_bytes()
