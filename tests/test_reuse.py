@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import PlantedWord, build_tiny
+from pydantic import BaseModel
 from test_steer import tiny_cfg
 
 from refusalkit.errors import UserError
-from refusalkit.runs import Reads, RunDir, run_manifest, stage_inputs
+from refusalkit.runs import Reads, RunDir, matches, run_manifest, stage_inputs
 from refusalkit.steer.config import SteerConfig
 from refusalkit.steer.fit import activations, fit_topic_gate
 from refusalkit.steer.pipeline import STAGE_READS, run_steer, split_data
@@ -104,15 +106,25 @@ def test_choosing_stages_read_every_section_but_eval() -> None:
 
 
 class Recording:
-    """A config section that notes which fields are read."""
+    """A config (or section) that notes the dotted path of every field read."""
 
-    def __init__(self, obj: Any) -> None:
+    def __init__(self, obj: Any, prefix: str = "", seen: set[str] | None = None) -> None:
         object.__setattr__(self, "_obj", obj)
-        object.__setattr__(self, "seen", set())
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "seen", set() if seen is None else seen)
 
     def __getattr__(self, name: str) -> Any:
-        self.seen.add(name)
-        return getattr(self._obj, name)
+        value = getattr(self._obj, name)
+        if isinstance(value, BaseModel):
+            return Recording(value, f"{self._prefix}{name}.", self.seen)
+        self.seen.add(f"{self._prefix}{name}")
+        return value
+
+
+def undeclared(rec: Recording, reads: Reads) -> set[str]:
+    """Fields a stage function read that its declaration does not cover."""
+    assert rec.seen, "the stage read no config field: the recording is not wired in"
+    return {k for k in rec.seen if not matches(k, reads.config)}
 
 
 def test_the_gate_stage_reads_only_the_search_keys_it_declares() -> None:
@@ -122,12 +134,13 @@ def test_the_gate_stage_reads_only_the_search_keys_it_declares() -> None:
     cfg = tiny_cfg(**{"search.gate_veto": 0.1, "search.gate_phrasings": ["Q: {prompt}"]})
     splits = split_data(cfg.data, cfg.seed)
     acts = activations(lm, splits, cfg.directions.position, cfg.batch_size, False)
-    search = Recording(cfg.search)
+    search = Recording(cfg.search, "search.")
     fit_topic_gate(lm, acts, splits, search, batch_size=cfg.batch_size,  # type: ignore[arg-type]
                    seed=cfg.seed, show_progress=False)
-    assert search.seen and all(k.startswith("gate_") for k in search.seen), search.seen
-    declared = [k for k in STAGE_READS["gate"].config if k.startswith("search.")]
-    assert declared == ["search.gate_*"]
+    assert not undeclared(search, STAGE_READS["gate"]), search.seen
+    # and the check can fail: a key outside the declaration is reported
+    search.seen.add("search.trials")
+    assert undeclared(search, STAGE_READS["gate"]) == {"search.trials"}
 
 
 @pytest.mark.parametrize(("change", "taken"), [
@@ -156,3 +169,78 @@ def test_a_reused_run_ends_where_a_fresh_one_does(tmp_path: Path, monkeypatch,
         assert (reused / name).read_bytes() == (fresh / name).read_bytes(), name
     if "directions.method" in change:  # the change mattered: the other estimator steers
         assert (reused / "metrics.json").read_bytes() != (base / "metrics.json").read_bytes()
+
+
+# ------------------------------------------------------------------------------- analyze
+def test_analyze_stages_read_only_what_they_declare(tmp_path: Path) -> None:
+    """Each early analyze stage's function, run on the tiny model with a recording config,
+    reads only config fields its STAGE_READS entry names."""
+    from test_analyze import _tiny_config
+
+    from refusalkit.analyze import pipeline as A
+    from refusalkit.analyze.config import split_pools
+    from refusalkit.analyze.sweeps import baseline, bucket_prompts
+    from refusalkit.examiner import Decoding, Examiner
+    from refusalkit.judge import make_judge
+
+    lm = build_tiny("qwen2")
+    cfg = _tiny_config(tmp_path)
+    ex = Examiner(lm, make_judge(cfg.judge), Decoding(max_new_tokens=4), batch_size=8,
+                  show_progress=False)
+    calls = {
+        "prompts": lambda c: split_pools(c),
+        "baseline": lambda c: baseline(ex, c),
+    }
+    got = {name: Recording(cfg) for name in calls}
+    results = {name: fn(got[name]) for name, fn in calls.items()}
+    pools, base = results["prompts"], results["baseline"]
+    buckets = bucket_prompts(base)
+    prompts = list(dict.fromkeys([p for sides in pools.values() for side in sides.values()
+                                  for p in side] + [p for b in buckets.values() for p in b]))
+    acts = torch.randn(len(prompts), lm.n_layers, len(cfg.directions.positions),
+                       lm.hidden_size)
+    index = {p: i for i, p in enumerate(prompts)}
+
+    def rows(ps: list[str]) -> torch.Tensor:
+        return acts[[index[p] for p in ps]]
+
+    later = {
+        "directions": lambda c: A.split_directions(c, pools, rows),
+        "oracle_directions": lambda c: A.oracle_directions(c, buckets, rows),
+    }
+    for name, fn in later.items():
+        got[name] = Recording(cfg)
+        results[name] = fn(got[name])
+    got["geometry"] = Recording(cfg)
+    A.geometry(got["geometry"], pools, rows, acts, results["directions"], 2)
+    got["oracle"] = Recording(cfg)
+    A.oracle_geometry(got["oracle"], buckets, rows, results["directions"],
+                      results["oracle_directions"], 2)
+    for name, rec in got.items():
+        assert not undeclared(rec, A.STAGE_READS[name]), (name, rec.seen)
+
+
+@pytest.mark.parametrize(("change", "computed"), [
+    ({"sweep": {"alphas": [0.25, 1.0]}}, set()),
+    ({"directions": {"n": 5}}, {"directions", "geometry", "oracle"}),
+])
+def test_a_reused_analysis_ends_where_a_fresh_one_does(tmp_path: Path, change: dict[str, Any],
+                                                       computed: set[str]) -> None:
+    """Tiny model: an analysis with one setting changed takes every early stage that does
+    not read it from the earlier run and writes the same tables as a fresh run."""
+    from test_analyze import _tiny_config
+
+    from refusalkit.analyze.pipeline import STAGE_READS as READS
+    from refusalkit.analyze.pipeline import analyze
+
+    lm = build_tiny("qwen2")
+    base = analyze(_tiny_config(tmp_path), tmp_path / "a", lm=lm, show_progress=False)
+    cfg = _tiny_config(tmp_path, **change)
+    reused = analyze(cfg, tmp_path / "b", lm=lm, show_progress=False, reuse_from=base)
+    fresh = analyze(cfg, tmp_path / "c", lm=lm, show_progress=False)
+    taken = set(json.loads((reused / "reused.json").read_text()))
+    assert taken == set(READS) - computed
+    for name in ("metrics.json", "tables/sweeps.json", "tables/splits.json"):
+        assert (reused / name).read_bytes() == (fresh / name).read_bytes(), name
+    assert (reused / "tables" / "sweeps.json").read_bytes() != (
+        base / "tables" / "sweeps.json").read_bytes()

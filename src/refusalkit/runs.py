@@ -144,8 +144,8 @@ def stage_inputs(manifest: Mapping[str, Any], stages: Path, reads: Reads) -> dic
                  if p.is_file()]
         after[name] = file_sha256(found[0]) if found else None
     return {"model": manifest.get("model"), "after": after,
-            "config": {k: v for k, v in config.items() if _matches(k, reads.config)},
-            "sets": {k: v for k, v in sets.items() if _matches(k, reads.sets)}}
+            "config": {k: v for k, v in config.items() if matches(k, reads.config)},
+            "sets": {k: v for k, v in sets.items() if matches(k, reads.sets)}}
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -158,7 +158,7 @@ def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _matches(key: str, patterns: Sequence[str]) -> bool:
+def matches(key: str, patterns: Sequence[str]) -> bool:
     """A dotted key against patterns: exact, a section (`data` holds `data.n_fit`), or a
     prefix ending in `*`."""
     for pat in patterns:

@@ -13,6 +13,9 @@ Stages (each stored in the run folder, so an interrupted run resumes where it st
 6. `summary` — trade-off gap at matched RR with a bootstrap CI, style distributions and
    permutation tests. Tables, figures, metrics.json and report.html are then (re)written.
 Directions are also saved as a direction artifact (`directions/`) usable with `steer`.
+With `reuse_from`, the stages up to `eval_baseline` are taken from an earlier run whose
+inputs (STAGE_READS) were the same: a changed sweep keeps the judged baseline and the
+activations.
 """
 
 from __future__ import annotations
@@ -41,11 +44,34 @@ from refusalkit.analyze.sweeps import (
     sweep_direction,
     unsteered_eval,
 )
-from refusalkit.artifacts import DirectionSet, model_record, save_directions
+from refusalkit.artifacts import DirectionSet, dataset_record, model_record, save_directions
 from refusalkit.examiner import Decoding, Examiner
 from refusalkit.judge import JudgementCache
 from refusalkit.models import LoadedModel
-from refusalkit.runs import RunDir, run_manifest
+from refusalkit.prompts import load_prompts
+from refusalkit.runs import Reads, RunDir, check_run_folder, run_manifest
+
+# What each early stage reads besides the model (runs.Reads): the prompt sources' contents
+# are in the manifest (`source:SPEC`), so an edited prompt file is never taken as unchanged.
+# The examiner generates with sweep.max_new_tokens in batches of sweep.batch_size. Later
+# stages (calibration, sweeps, summary) read nearly everything and are always computed.
+_EXAMINER = ("model", "judge", "seed", "sweep.max_new_tokens", "sweep.batch_size")
+STAGE_READS: dict[str, Reads] = {
+    "prompts": Reads(("splits", "directions.pool", "seed"), ("source:*",)),
+    "baseline": Reads((*_EXAMINER, "batch_size", "buckets"), ("source:*",)),
+    "activations": Reads(("model", "batch_size", "directions.positions"),
+                         after=("prompts", "baseline")),
+    "directions": Reads(("splits", "directions.n"),
+                        after=("prompts", "baseline", "activations")),
+    "geometry": Reads(("model", "splits", "directions", "stats", "seed"),
+                      after=("prompts", "baseline", "activations", "directions")),
+    "oracle_directions": Reads(("buckets.n_oracle",),
+                               after=("prompts", "baseline", "activations")),
+    "oracle": Reads(("model", "buckets", "directions", "stats", "seed", "splits"),
+                    after=("prompts", "baseline", "activations", "directions",
+                           "oracle_directions")),
+    "eval_baseline": Reads((*_EXAMINER, "buckets.eval_per_bucket"), after=("baseline",)),
+}
 
 ORACLES = {"HR-BC": ("HR", "BC"), "BR-BC": ("BR", "BC"), "HC-BC": ("HC", "BC"),
            "HR-HC": ("HR", "HC")}
@@ -57,24 +83,32 @@ def load_analyze_config(path: str | Path | None, overrides: dict[str, Any] | Non
 
 
 def analyze(config: AnalyzeConfig | str | Path, out: str | Path, *, resume: bool = False,
-            lm: LoadedModel | None = None, show_progress: bool = True) -> Path:
+            lm: LoadedModel | None = None, show_progress: bool = True,
+            reuse_from: str | Path | None = None) -> Path:
     """Run the whole analysis into run folder `out` and return its path.
 
     `config` is an `AnalyzeConfig` or a TOML path; `lm` reuses an already loaded model (its
-    name is recorded in the manifest). With `resume`, finished stages are read back.
+    name is recorded in the manifest). With `resume`, finished stages are read back; with
+    `reuse_from`, an earlier run's stages whose inputs are unchanged are copied.
     """
     from refusalkit.judge import make_judge
     from refusalkit.models import load_model
 
     cfg = config if isinstance(config, AnalyzeConfig) else load_analyze_config(config)
+    check_run_folder(out, resume, reuse_from)  # before the (slow) model load
+    sources = sorted({spec for s in cfg.splits for spec in (*s.refuse, *s.benign)}
+                     | {*cfg.buckets.harmful, *cfg.buckets.benign})
     if lm is None:
         lm = load_model(cfg.model)
     judge = make_judge(cfg.judge, lm=lm)
     layer = resolve_layer(cfg.directions.layer, lm.n_layers)
     manifest = run_manifest("analyze", cfg.model_dump(mode="json"), model=model_record(lm),
+                            datasets=[dataset_record(f"source:{spec}",
+                                                     load_prompts(spec).prompts)
+                                      for spec in sources],
                             seeds={"seed": cfg.seed}, title=f"refusalkit analyze — {lm.name}",
                             judge=judge.id, layer=layer)
-    with RunDir(out, manifest, resume=resume) as run:
+    with RunDir(out, manifest, resume=resume, reuse_from=reuse_from) as run:
         ex = Examiner(lm, judge, Decoding(max_new_tokens=cfg.sweep.max_new_tokens),
                       cache=JudgementCache(run.file("judgements.sqlite")),
                       batch_size=cfg.sweep.batch_size, show_progress=show_progress)
@@ -84,30 +118,34 @@ def analyze(config: AnalyzeConfig | str | Path, out: str | Path, *, resume: bool
 
 def _pipeline(run: RunDir, cfg: AnalyzeConfig, ex: Examiner, layer: int) -> None:
     lm, show_progress = ex.lm, ex.show_progress
-    pools = run.stage("prompts", lambda: split_pools(cfg))
-    base = run.stage("baseline", lambda: baseline(ex, cfg))
+    reads = STAGE_READS
+    pools = run.stage("prompts", lambda: split_pools(cfg), reads["prompts"])
+    base = run.stage("baseline", lambda: baseline(ex, cfg), reads["baseline"])
     buckets = bucket_prompts(base)
     prompts = _unique([p for sides in pools.values() for side in sides.values() for p in side]
                       + [p for b in BUCKETS for p in buckets[b]])
     layers = list(range(1, lm.n_layers + 1))
     acts = run.tensor_stage("activations", lambda: {"acts": capture(
         lm, prompts, layers, cfg.directions.positions, batch_size=cfg.batch_size,
-        show_progress=show_progress)})["acts"]
+        show_progress=show_progress)}, reads["activations"])["acts"]
     index = {p: i for i, p in enumerate(prompts)}
 
     def rows(ps: list[str]) -> torch.Tensor:
         return acts[[index[p] for p in ps]]
 
-    geo_t = run.tensor_stage("directions", lambda: split_directions(cfg, pools, rows))
-    geo = run.stage("geometry", lambda: geometry(cfg, pools, rows, acts, geo_t, layer))
+    geo_t = run.tensor_stage("directions", lambda: split_directions(cfg, pools, rows),
+                             reads["directions"])
+    geo = run.stage("geometry", lambda: geometry(cfg, pools, rows, acts, geo_t, layer),
+                    reads["geometry"])
     oracle_t = run.tensor_stage("oracle_directions", lambda: oracle_directions(
-        cfg, buckets, rows))
+        cfg, buckets, rows), reads["oracle_directions"])
     oracle = run.stage("oracle", lambda: oracle_geometry(cfg, buckets, rows, geo_t, oracle_t,
-                                                         layer))
+                                                         layer), reads["oracle"])
     _save_direction_artifact(run, lm, cfg, geo_t, oracle_t, layers)
 
     chosen = choose_eval(base, cfg.buckets.eval_per_bucket, cfg.seed)
-    eval_rows = run.stage("eval_baseline", lambda: unsteered_eval(ex, chosen))
+    eval_rows = run.stage("eval_baseline", lambda: unsteered_eval(ex, chosen),
+                          reads["eval_baseline"])
     sl, pi = sweep_site(cfg, lm.n_layers, layer)
     oracle_sweep = oracle_t if pi == 0 else oracle_directions(cfg, buckets, rows, pi)
     vectors = swept_vectors(cfg, geo_t, oracle_sweep, sl, pi)

@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
                                         "write (tables, figures, metrics.json, report.html)."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in "
                                     "--out, reusing its finished stages."),
+        reuse_from: Path | None = typer.Option(
+            None, "--reuse-from", help="An earlier run folder: copy each early stage "
+            "(prompts … eval_baseline) whose inputs are the same there."),
         model: str | None = typer.Option(None, "--model", help="Model spec "
                                          "[default: qwen2.5-coder-0.5b]."),
         judge: str | None = typer.Option(None, "--judge", help="Judge spec [default: from "
@@ -61,11 +64,16 @@ def register(app: typer.Typer) -> None:
         opts = options(ctx)
         if not opts.progress:
             quiet_libraries()
-        path = analyze(cfg, out, resume=resume, show_progress=opts.progress)
+        path = analyze(cfg, out, resume=resume, show_progress=opts.progress,
+                       reuse_from=reuse_from)
         metrics = json.loads((path / "metrics.json").read_text())
         if opts.json:
             typer.echo(json.dumps({"run_dir": str(path), "metrics": metrics}))
         elif not opts.quiet:
+            if reuse_from is not None:
+                taken = path / "reused.json"
+                names = list(json.loads(taken.read_text())) if taken.is_file() else []
+                typer.echo(f"taken from {reuse_from}: {', '.join(names) or 'no stage'}")
             typer.echo(f"wrote {path / 'report.html'}")
             for key in ("stability_min", "cosine_median", "cos_HR-BC_BR-BC",
                         "tradeoff_max_gap", "style_p_value"):
