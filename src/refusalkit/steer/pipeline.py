@@ -61,9 +61,10 @@ from refusalkit.steer.search import (
 
 # What each stage reads (besides the model), so `--reuse-from` can take a stage from an
 # earlier run that had the same inputs: a changed estimator keeps the baseline, activations,
-# gate and Arditi stages (35 min of the 0.5B run); a changed judge keeps the activations and
-# the gate. The fitting stages name exactly what their functions read (tests/test_reuse.py
-# holds them to it); search and verify read every section but `eval`, evaluate everything.
+# gate and Arditi stages (10 min of the 0.5B acceptance run, 23 of the 1.5B one); a changed
+# judge keeps the activations and the gate. The fitting stages name what their functions
+# read (tests/test_reuse.py holds the gate's to it); search and verify read every section
+# but `eval`, evaluate everything.
 _GATE_SETS = ("target_fit", "gate_target", "gate_topic", "neutral", "safety_fit",
               "gate_negatives")
 _CHOOSING = ("model", "mode", "seed", "batch_size", "data", "judge", "directions", "search")
