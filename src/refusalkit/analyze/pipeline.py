@@ -96,16 +96,16 @@ def analyze(config: AnalyzeConfig | str | Path, out: str | Path, *, resume: bool
 
     cfg = config if isinstance(config, AnalyzeConfig) else load_analyze_config(config)
     check_run_folder(out, resume, reuse_from)  # before the (slow) model load
+    # every prompt source's content, read before the (slow) model load so a bad spec fails first
     sources = sorted({spec for s in cfg.splits for spec in (*s.refuse, *s.benign)}
                      | {*cfg.buckets.harmful, *cfg.buckets.benign})
+    datasets = [dataset_record(f"source:{spec}", load_prompts(spec).prompts) for spec in sources]
     if lm is None:
         lm = load_model(cfg.model)
     judge = make_judge(cfg.judge, lm=lm)
     layer = resolve_layer(cfg.directions.layer, lm.n_layers)
     manifest = run_manifest("analyze", cfg.model_dump(mode="json"), model=model_record(lm),
-                            datasets=[dataset_record(f"source:{spec}",
-                                                     load_prompts(spec).prompts)
-                                      for spec in sources],
+                            datasets=datasets,
                             seeds={"seed": cfg.seed}, title=f"refusalkit analyze — {lm.name}",
                             judge=judge.id, layer=layer)
     with RunDir(out, manifest, resume=resume, reuse_from=reuse_from) as run:
