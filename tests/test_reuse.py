@@ -167,6 +167,10 @@ def test_a_reused_run_ends_where_a_fresh_one_does(tmp_path: Path, monkeypatch,
     assert not computed & taken and "evaluate" in computed
     for name in ("metrics.json", "answers.jsonl", "profile/tensors.safetensors"):
         assert (reused / name).read_bytes() == (fresh / name).read_bytes(), name
+    # the report's wall time says which stages it does not count
+    wall = (reused / "report.html").read_text().split('class="wall-time">')[1].split("</p>")[0]
+    assert all(f"{name} (taken from {base})" in wall for name in taken), wall
+    assert "taken from" not in (fresh / "report.html").read_text()
     if "directions.method" in change:  # the change mattered: the other estimator steers
         assert (reused / "metrics.json").read_bytes() != (base / "metrics.json").read_bytes()
 

@@ -314,8 +314,13 @@ def _wall_time(root: Path) -> str:
         return ""
     top = sorted(stages.items(), key=lambda kv: -kv[1])[:4]
     slow = ", ".join(f"{k} {v / 60:.1f}" for k, v in top)
+    taken = root / "reused.json"  # stages copied from an earlier run (--reuse-from)
+    borrowed = json.loads(taken.read_text()) if taken.is_file() else {}
+    note = ("" if not borrowed else " Not counted: " + ", ".join(
+        f"{k} (taken from {v})" for k, v in sorted(borrowed.items())) + ", computed by an "
+        "earlier run with the same inputs.")
     return (f'<p class="wall-time">Wall time: {sum(stages.values()) / 60:.1f} min over '
-            f"{len(stages)} stages (slowest, min: {escape(slow)}).</p>")
+            f"{len(stages)} stages (slowest, min: {escape(slow)}).{escape(note)}</p>")
 
 
 def _asset(name: str) -> str:
