@@ -248,3 +248,31 @@ def test_a_reused_analysis_ends_where_a_fresh_one_does(tmp_path: Path, change: d
         assert (reused / name).read_bytes() == (fresh / name).read_bytes(), name
     assert (reused / "tables" / "sweeps.json").read_bytes() != (
         base / "tables" / "sweeps.json").read_bytes()
+
+
+# ----------------------------------------------------------------------------- abliterate
+def test_a_longer_abliteration_takes_the_unsteered_stages(tmp_path: Path, monkeypatch) -> None:
+    """Tiny model: a run with more trials takes the directions, the baseline and the
+    unsteered held-out figures from the earlier run, and ends where a fresh run does; a
+    changed direction method takes only the baseline and the unsteered figures."""
+    from test_abliterate import tiny_cfg as abl_cfg
+
+    from refusalkit.abliterate.pipeline import run_abliterate
+    from refusalkit.judge import make_judge
+
+    lm = build_tiny("llama")
+    monkeypatch.setattr("refusalkit.abliterate.pipeline.make_judge",
+                        lambda spec: PlantedWord() if spec == "calibrated" else make_judge(spec))
+    base = run_abliterate(abl_cfg(), tmp_path / "a", lm=lm, show_progress=False)
+    cfg = abl_cfg(**{"search.trials": 5})
+    reused = run_abliterate(cfg, tmp_path / "b", lm=lm, show_progress=False, reuse_from=base)
+    fresh = run_abliterate(cfg, tmp_path / "c", lm=lm, show_progress=False)
+    assert set(json.loads((reused / "reused.json").read_text())) == {
+        "directions", "baseline", "heldout-unsteered"}
+    assert (reused / "metrics.json").read_bytes() == (fresh / "metrics.json").read_bytes()
+    assert (reused / "model" / "model.safetensors").read_bytes() == (
+        fresh / "model" / "model.safetensors").read_bytes()
+    other = run_abliterate(abl_cfg(direction_method="md"), tmp_path / "d", lm=lm,
+                           show_progress=False, reuse_from=base)
+    assert set(json.loads((other / "reused.json").read_text())) == {
+        "baseline", "heldout-unsteered"}

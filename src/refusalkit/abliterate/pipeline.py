@@ -46,11 +46,22 @@ from refusalkit.kernels import Kernel, kernel_hooks
 from refusalkit.models import LoadedModel, load_model
 from refusalkit.prompts import load_prompts
 from refusalkit.quality import rates
-from refusalkit.runs import RunDir, check_run_folder, run_manifest
+from refusalkit.runs import Reads, RunDir, check_run_folder, run_manifest
 from refusalkit.scoring import kl_divergence, last_logprobs
 from refusalkit.steer.search import spread
 
 Chooser = Callable[[list[dict[str, Any]], dict[str, Any]], int | None]
+
+# What the unsteered stages read besides the model, so `--reuse-from` can take them from an
+# earlier run (a longer search keeps the directions, the baseline and the unsteered held-out
+# figures). The model's behaviour also depends on the reasoning switch and the system prompt;
+# the search and each trial's held-out measure read nearly everything and are computed.
+_MODEL = ("model", "reasoning", "system_prompt", "batch_size")
+STAGE_READS: dict[str, Reads] = {
+    "directions": Reads((*_MODEL, "direction_method"), ("harmful_fit", "harmless_fit")),
+    "baseline": Reads((*_MODEL, "judge.spec", "judge.max_new_tokens"), ("harmful_search",)),
+    "heldout-unsteered": Reads((*_MODEL, "judge"), ("harmful_eval",)),
+}
 
 
 @dataclass(frozen=True)
@@ -107,13 +118,14 @@ def best_layers(aucs: Sequence[float], cfg: AbliterateConfig, n_layers: int,
 def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = False,
                    lm: LoadedModel | None = None, trial: int | None = None,
                    chooser: Chooser | None = None, gguf: bool = False,
-                   show_progress: bool = True, on_trial: Callable[..., None] | None = None
-                   ) -> Path:
-    """Search, choose, and write the abliterated checkpoint into run folder `out`."""
+                   show_progress: bool = True, on_trial: Callable[..., None] | None = None,
+                   reuse_from: str | Path | None = None) -> Path:
+    """Search, choose, and write the abliterated checkpoint into run folder `out` (taking
+    the stages STAGE_READS names from `reuse_from` where their inputs are unchanged)."""
     from refusalkit.abliterate.output import finish
 
     splits = split_data(cfg)
-    check_run_folder(out, resume)  # before the slow model load
+    check_run_folder(out, resume, reuse_from)  # before the slow model load
     judge = make_judge(cfg.judge.spec)
     compare = {spec: make_judge(spec) for spec in cfg.judge.compare if spec != cfg.judge.spec}
     lm = lm or load_model(cfg.model, reasoning=cfg.reasoning,
@@ -124,10 +136,11 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
         source_gguf(lm)
     manifest = run_manifest("abliterate", cfg.model_dump(mode="json"), model=model_record(lm),
                             datasets=splits.records(), seeds={"seed": cfg.seed})
-    with RunDir(out, manifest, resume=resume) as run:
+    with RunDir(out, manifest, resume=resume, reuse_from=reuse_from) as run:
         cache = JudgementCache(run.file("judgements.sqlite"))
         fit = run.tensor_stage("directions", lambda: fit_directions(
-            lm, splits, cfg.batch_size, show_progress, cfg.direction_method))
+            lm, splits, cfg.batch_size, show_progress, cfg.direction_method),
+            STAGE_READS["directions"])
         directions = fit["directions"]
         jk = {"max_new_tokens": cfg.judge.max_new_tokens, "cache": cache,
               "batch_size": cfg.batch_size}
@@ -138,7 +151,8 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
             with kernel_hooks(lm, kernel, directions):
                 return judge_prompts(lm, prompts, judge, **jk)  # type: ignore[arg-type]
 
-        base = run.stage("baseline", lambda: answer_rows(judged(splits.harmful_search, None)))
+        base = run.stage("baseline", lambda: answer_rows(judged(splits.harmful_search, None)),
+                         STAGE_READS["baseline"])
         if not refusal_count(base):
             raise UserError(
                 f"'{lm.name}' refuses none of the {len(base)} dev harmful prompts "
@@ -225,7 +239,8 @@ def make_measure(lm: LoadedModel, cfg: AbliterateConfig, splits: Splits,
 def heldout_stage(run: RunDir, measure: Callable[[Kernel | None], dict[str, Any]],
                   rec: dict[str, Any] | None) -> dict[str, Any]:
     if rec is None:
-        return run.stage("heldout-unsteered", lambda: measure(None))
+        return run.stage("heldout-unsteered", lambda: measure(None),
+                         STAGE_READS["heldout-unsteered"])
     kernel = Kernel.from_json(rec["kernel"])
     return run.stage(f"heldout-{rec['number']}", lambda: measure(kernel))
 

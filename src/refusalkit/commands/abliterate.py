@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
                                  help="Run folder; the checkpoint goes to OUT/model."),
         config: Path | None = typer.Option(None, "--config", help="TOML config."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
+        reuse_from: Path | None = typer.Option(
+            None, "--reuse-from", help="An earlier run folder: copy its directions, baseline "
+            "and unsteered held-out stages where their inputs are the same."),
         trials: int | None = typer.Option(None, "--trials", help="Search trials."),
         judge: str | None = typer.Option(None, "--judge",
                                          help="Judge spec (keyword:heretic = Heretic's markers)."),
@@ -90,7 +93,8 @@ def register(app: typer.Typer) -> None:
         interactive = trial is None and sys.stdin.isatty() and not opts.json
         path = run_abliterate(cfg, out, resume=resume, trial=trial,
                               chooser=_ask if interactive else None, gguf=gguf,
-                              show_progress=opts.progress, on_trial=progress)
+                              show_progress=opts.progress, on_trial=progress,
+                              reuse_from=reuse_from)
         metrics = json.loads((path / "metrics.json").read_text())
         if opts.json:
             typer.echo(json.dumps({"run": str(path), **metrics}))
