@@ -31,6 +31,8 @@ from typing import Any
 
 from common import REPO, md_table, other_cpu
 
+from refusalkit.runs import taken_from
+
 XSTEST = "overrefusal:xstest?label=safe"
 
 
@@ -203,8 +205,7 @@ def main() -> None:
     # A fresh run is timed as it ran; a resumed or finished one by its stored stage times.
     wall = elapsed if elapsed is not None and not resumed else (
         sum(stages.values()) + (0.0 if load_s != load_s else load_s))
-    reused = run / "reused.json"
-    taken = json.loads(reused.read_text()) if reused.is_file() else {}
+    taken = taken_from(run)
     rows = checks(m, wall, args.wall_max)
     if taken:  # part of the run was computed elsewhere: its wall time is not this run's
         rows = [(c, t, f"not measured ({len(taken)} stages taken from an earlier run)", None)

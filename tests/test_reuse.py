@@ -14,7 +14,14 @@ from pydantic import BaseModel
 from test_steer import tiny_cfg
 
 from refusalkit.errors import UserError
-from refusalkit.runs import Reads, RunDir, matches, run_manifest, stage_inputs
+from refusalkit.runs import (
+    Reads,
+    RunDir,
+    matches,
+    reuse_line,
+    run_manifest,
+    stage_inputs,
+)
 from refusalkit.steer.config import SteerConfig
 from refusalkit.steer.fit import activations, fit_topic_gate
 from refusalkit.steer.pipeline import STAGE_READS, run_steer, split_data
@@ -61,6 +68,7 @@ def test_a_stage_is_copied_only_when_its_inputs_match(tmp_path: Path) -> None:
         assert run.borrowed == ["first"] and calls == ["second"]
     assert json.loads((tmp_path / "b" / "reused.json").read_text()) == {
         "first": str(tmp_path / "a")}
+    assert reuse_line(tmp_path / "b", tmp_path / "a") == f"taken from {tmp_path / 'a'}: first"
     # data changed: `first` is computed, and comes out different, so `second` (which reads
     # it) is computed too although search is as in run a
     calls.clear()
@@ -73,6 +81,7 @@ def test_a_stage_is_copied_only_when_its_inputs_match(tmp_path: Path) -> None:
     with RunDir(tmp_path / "d", other, reuse_from=tmp_path / "a") as run:
         run.stage("first", lambda: {"v": 1}, first)
         assert run.borrowed == []
+    assert reuse_line(tmp_path / "d", tmp_path / "a").endswith(": no stage")
     # stages without declared inputs are never taken
     with RunDir(tmp_path / "e", manifest(), reuse_from=tmp_path / "a") as run:
         run.stage("first", lambda: {"v": 1})

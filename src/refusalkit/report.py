@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from refusalkit.errors import UserError
-from refusalkit.runs import MANIFEST, atomic_write_json, atomic_write_text, locked
+from refusalkit.runs import MANIFEST, atomic_write_json, atomic_write_text, locked, taken_from
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -314,8 +314,7 @@ def _wall_time(root: Path) -> str:
         return ""
     top = sorted(stages.items(), key=lambda kv: -kv[1])[:4]
     slow = ", ".join(f"{k} {v / 60:.1f}" for k, v in top)
-    taken = root / "reused.json"  # stages copied from an earlier run (--reuse-from)
-    borrowed = json.loads(taken.read_text()) if taken.is_file() else {}
+    borrowed = taken_from(root)  # stages copied from an earlier run (--reuse-from)
     note = ("" if not borrowed else " Not counted: " + ", ".join(
         f"{k} (taken from {v})" for k, v in sorted(borrowed.items())) + ", computed by an "
         "earlier run with the same inputs.")

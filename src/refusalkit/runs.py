@@ -36,6 +36,7 @@ MANIFEST = "manifest.json"
 TIMINGS = "timings.json"
 STAGES = "stages"
 LOCK = ".lock"
+REUSED = "reused.json"  # stage -> the earlier run it was copied from (--reuse-from)
 # Manifest keys that must match for --resume to reuse stages (versions may differ).
 RESUME_KEYS = ("command", "config", "model", "datasets", "seeds")
 # Test-only hook: the stage named here sleeps after computing and before storing its result,
@@ -280,9 +281,7 @@ class RunDir:
         tmp.replace(dst)
         self.borrowed.append(name)
         self.log.info("stage %s: taken from %s (same inputs)", name, src_dir)
-        record = self.path / "reused.json"
-        taken = json.loads(record.read_text()) if record.is_file() else {}
-        atomic_write_json(record, {**taken, name: str(src_dir)})
+        atomic_write_json(self.path / REUSED, {**taken_from(self.path), name: str(src_dir)})
         return True
 
     def stage(self, name: str, compute: Callable[[], T], reads: Reads | None = None) -> T:
@@ -340,6 +339,17 @@ class RunDir:
     def _finish(self, name: str) -> None:
         self.ran.append(name)
         self.log.info("stage %s: stored", name)
+
+
+def taken_from(path: str | Path) -> dict[str, str]:
+    """The stages a run folder copied from earlier runs (stage -> that run's folder)."""
+    record = Path(path) / REUSED
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
+def reuse_line(path: str | Path, source: str | Path) -> str:
+    """What a command prints after a run with --reuse-from."""
+    return f"taken from {source}: {', '.join(taken_from(path)) or 'no stage'}"
 
 
 def _source_run(path: str | Path, own: Path) -> tuple[Path, dict[str, Any]]:

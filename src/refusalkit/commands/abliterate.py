@@ -100,6 +100,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps({"run": str(path), **metrics}))
             return
         if not opts.quiet:
+            if reuse_from is not None:
+                from refusalkit.runs import reuse_line
+
+                typer.echo(reuse_line(path, reuse_from))
             c = metrics["chosen"]
             before, after = metrics["heldout_refusal_before"], metrics["heldout_refusal_after"]
             judged = ", ".join(f"{s} {before[s]:.0%} → {after[s]:.0%}" for s in after)

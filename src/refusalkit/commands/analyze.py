@@ -71,9 +71,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps({"run_dir": str(path), "metrics": metrics}))
         elif not opts.quiet:
             if reuse_from is not None:
-                taken = path / "reused.json"
-                names = list(json.loads(taken.read_text())) if taken.is_file() else []
-                typer.echo(f"taken from {reuse_from}: {', '.join(names) or 'no stage'}")
+                from refusalkit.runs import reuse_line
+
+                typer.echo(reuse_line(path, reuse_from))
             typer.echo(f"wrote {path / 'report.html'}")
             for key in ("stability_min", "cosine_median", "cos_HR-BC_BR-BC",
                         "tradeoff_max_gap", "style_p_value"):

@@ -47,15 +47,14 @@ def register(app: typer.Typer) -> None:
         path = run_steer(cfg, out, resume=resume, show_progress=opts.progress,
                          reuse_from=reuse_from)
         metrics = json.loads((path / "metrics.json").read_text())
-        reused = path / "reused.json"
-        taken = list(json.loads(reused.read_text())) if reused.is_file() else []
         if opts.json:
             typer.echo(json.dumps({"run": str(path), **metrics}))
             return
         if not opts.quiet:
             if reuse_from is not None:
-                typer.echo(f"taken from {reuse_from}: {', '.join(taken) or 'no stage'} "
-                           "(the rest computed)")
+                from refusalkit.runs import reuse_line
+
+                typer.echo(reuse_line(path, reuse_from))
             typer.echo(
                 f"target refusal {metrics['target_refusal_before']:.0%} → "
                 f"{metrics['target_refusal_after']:.0%}, safety refusal "
