@@ -26,6 +26,8 @@ from refusalkit.steer.config import SteerConfig
 from refusalkit.steer.fit import activations, fit_topic_gate
 from refusalkit.steer.pipeline import STAGE_READS, run_steer, split_data
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def manifest(**config: Any) -> dict[str, Any]:
     cfg = {"seed": 0, "search": {"trials": 4, "gate_pool": "mean"}, "data": {"n_fit": 8},
@@ -86,6 +88,40 @@ def test_a_stage_is_copied_only_when_its_inputs_match(tmp_path: Path) -> None:
     with RunDir(tmp_path / "e", manifest(), reuse_from=tmp_path / "a") as run:
         run.stage("first", lambda: {"v": 1})
         assert run.borrowed == []
+
+
+def test_an_option_added_since_a_run_takes_its_default(tmp_path: Path) -> None:
+    """A run made before `search.phase` existed resumes and lends its stages when the new
+    option is at its default (the behaviour the run had), and does neither when it is not."""
+    old_cfg = SteerConfig.load(REPO / "configs" / "tiny_steer.toml").model_dump(mode="json")
+    del old_cfg["search"]["phase"]
+    defaults = SteerConfig.defaults()
+    reads = Reads(("search",))
+    with RunDir(tmp_path / "old", run_manifest("t", old_cfg)) as run:
+        run.stage("s", lambda: {"v": 1}, reads)
+
+    def cfg(phase: str) -> dict[str, Any]:
+        c = SteerConfig.load(REPO / "configs" / "tiny_steer.toml", {"search.phase": phase})
+        return run_manifest("t", c.model_dump(mode="json"))
+
+    with RunDir(tmp_path / "old", cfg("both"), resume=True, defaults=defaults) as run:
+        assert run.stage("s", lambda: {"v": 2}, reads) == {"v": 1}
+    with RunDir(tmp_path / "new", cfg("both"), reuse_from=tmp_path / "old",
+                defaults=defaults) as run:
+        run.stage("s", lambda: {"v": 2}, reads)
+        assert run.borrowed == ["s"]
+    with RunDir(tmp_path / "new2", cfg("prompt+4"), reuse_from=tmp_path / "old",
+                defaults=defaults) as run:
+        run.stage("s", lambda: {"v": 2}, reads)
+        assert run.borrowed == []
+    # the resumed manifest now holds the option, so a different value is a different config
+    with pytest.raises(UserError, match="different config"):
+        RunDir(tmp_path / "old", cfg("prompt+4"), resume=True, defaults=defaults)
+    # without defaults a missing key is a difference, as before
+    with RunDir(tmp_path / "old2", run_manifest("t", old_cfg)):
+        pass
+    with pytest.raises(UserError, match="different config"):
+        RunDir(tmp_path / "old2", cfg("both"), resume=True)
 
 
 def test_a_bad_reuse_folder_is_one_clear_line(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from pydantic_core import PydanticUndefined
+from pydantic_core import PydanticUndefined, to_jsonable_python
 
 from refusalkit.errors import UserError
 
@@ -47,6 +47,19 @@ class ConfigModel(BaseModel):
     def to_toml(self) -> str:
         """This config as TOML (with comments), e.g. to save the effective config of a run."""
         return render_config(type(self), self)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field that has a default, as JSON values (nested sections as dicts): what a
+        run made before a field existed is compared with (runs.RunDir)."""
+        out: dict[str, Any] = {}
+        for name, info in cls.model_fields.items():
+            if info.is_required():
+                continue
+            value = info.get_default(call_default_factory=True)
+            out[name] = (value.model_dump(mode="json") if isinstance(value, BaseModel)
+                         else to_jsonable_python(value))
+        return out
 
 
 # ------------------------------------------------------------------------------ loading

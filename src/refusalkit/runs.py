@@ -149,6 +149,18 @@ def stage_inputs(manifest: Mapping[str, Any], stages: Path, reads: Reads) -> dic
             "sets": {k: v for k, v in sets.items() if matches(k, reads.sets)}}
 
 
+def with_defaults(config: Mapping[str, Any], defaults: Mapping[str, Any] | None
+                  ) -> dict[str, Any]:
+    """`config` with the keys it lacks (at any depth) filled in from `defaults`."""
+    out = dict(config)
+    for key, value in (defaults or {}).items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, Mapping) and isinstance(out[key], Mapping):
+            out[key] = with_defaults(out[key], value)
+    return out
+
+
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in obj.items():
@@ -201,15 +213,24 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path, manifest: Mapping[str, Any], *,
-                 resume: bool = False, reuse_from: str | Path | None = None) -> None:
+                 resume: bool = False, reuse_from: str | Path | None = None,
+                 defaults: Mapping[str, Any] | None = None) -> None:
+        """`defaults`: the config's default values (ConfigModel.defaults()); a key an earlier
+        run's config lacks is taken at its default, so adding an option (whose default keeps
+        the old behaviour) does not stop older runs from resuming or lending stages."""
         self.path = Path(path)
         existing = self.path / MANIFEST
         check_run_folder(self.path, resume)
         self.source = _source_run(reuse_from, self.path) if reuse_from is not None else None
+        if self.source is not None:
+            src_dir, src_manifest = self.source
+            self.source = (src_dir, {**src_manifest, "config": with_defaults(
+                src_manifest.get("config", {}), defaults)})
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = _acquire(self.path / LOCK)
         if existing.is_file():
             old = json.loads(existing.read_text())
+            old["config"] = with_defaults(old.get("config", {}), defaults)
             for key in RESUME_KEYS:
                 if old.get(key) != manifest.get(key):
                     self.close()

@@ -136,7 +136,8 @@ def run_abliterate(cfg: AbliterateConfig, out: str | Path, *, resume: bool = Fal
         source_gguf(lm)
     manifest = run_manifest("abliterate", cfg.model_dump(mode="json"), model=model_record(lm),
                             datasets=splits.records(), seeds={"seed": cfg.seed})
-    with RunDir(out, manifest, resume=resume, reuse_from=reuse_from) as run:
+    with RunDir(out, manifest, resume=resume, reuse_from=reuse_from,
+                defaults=type(cfg).defaults()) as run:
         cache = JudgementCache(run.file("judgements.sqlite"))
         fit = run.tensor_stage("directions", lambda: fit_directions(
             lm, splits, cfg.batch_size, show_progress, cfg.direction_method),

@@ -108,7 +108,8 @@ def analyze(config: AnalyzeConfig | str | Path, out: str | Path, *, resume: bool
                             datasets=datasets,
                             seeds={"seed": cfg.seed}, title=f"refusalkit analyze — {lm.name}",
                             judge=judge.id, layer=layer)
-    with RunDir(out, manifest, resume=resume, reuse_from=reuse_from) as run:
+    with RunDir(out, manifest, resume=resume, reuse_from=reuse_from,
+                defaults=type(cfg).defaults()) as run:
         ex = Examiner(lm, judge, Decoding(max_new_tokens=cfg.sweep.max_new_tokens),
                       cache=JudgementCache(run.file("judgements.sqlite")),
                       batch_size=cfg.sweep.batch_size, show_progress=show_progress)

@@ -183,7 +183,7 @@ def run_extract(cfg: ExtractConfig, out: Path, *, run_dir: Path | None = None,
     else:
         run = RunDir(run_dir, run_manifest("extract", cfg.model_dump(mode="json"),
                                            model=model_record(lm), datasets=datasets),
-                     resume=resume)
+                     resume=resume, defaults=type(cfg).defaults())
         acts_p = run.tensor_stage("activations.positive",
                                   lambda: {"acts": acts(pos_set.prompts)})["acts"]
         acts_n = run.tensor_stage("activations.negative",
