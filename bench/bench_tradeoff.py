@@ -35,7 +35,9 @@ def _starts(lo: int, hi: int, width: int) -> list[int]:
     return sorted({lo, max(lo, (lo + hi - width) // 2), max(lo, hi - width)})
 
 
-def grid(lo: int, hi: int, width: int, gate_layer: int | None = None
+def grid(lo: int, hi: int, width: int, gate_layer: int | None = None,
+         alphas: dict[str, tuple[float, ...]] | None = None, ops: tuple[str, ...] =
+         ("add", "clamp", "ablate"), starts: list[int] | None = None
          ) -> list[tuple[str, dict[str, Any]]]:
     """(operator, params) points: three blocks across the window [lo, hi), strengths per
     operator (a clamp stops at its target, so it takes larger α than addition). Gated blocks
@@ -43,15 +45,17 @@ def grid(lo: int, hi: int, width: int, gate_layer: int | None = None
     build_profile would shift an earlier block onto the same layers: on the 1.5B model, gate
     layer 15, the start and middle blocks both became 15–17); ablation is ungated and takes
     its direction from across the whole window."""
-    gated = _starts(max(lo, gate_layer or lo), hi, width)
+    alphas = {"add": (0.5, 1.0, 1.5, 2.0), "clamp": (1.0, 2.0, 4.0), **(alphas or {})}
+    gated = starts or _starts(max(lo, gate_layer or lo), hi, width)
     pts: list[tuple[str, dict[str, Any]]] = []
     for s in gated:
-        pts += [("add", {"start": s, "width": width, "alpha": a, "gate": True})
-                for a in (0.5, 1.0, 1.5, 2.0)]
-        pts += [("clamp", {"start": s, "width": width, "alpha": a, "gate": True})
-                for a in (1.0, 2.0, 4.0)]
-    pts += [("ablate", {"start": s, "width": 0, "alpha": 1.0, "gate": False})
-            for s in _starts(lo, hi, width)]
+        for op in ("add", "clamp"):
+            if op in ops:
+                pts += [(op, {"start": s, "width": width, "alpha": a, "gate": True})
+                        for a in alphas[op]]
+    if "ablate" in ops:
+        pts += [("ablate", {"start": s, "width": 0, "alpha": 1.0, "gate": False})
+                for s in starts or _starts(lo, hi, width)]
     return pts
 
 
@@ -63,6 +67,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24, help="refused fitting prompts per point")
     ap.add_argument("--width", type=int, default=3, help="layers per block")
     ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--phase", default="both",
+                    help="when add and clamp steer: every forward (both), only the prompt "
+                    "pass (the answer is then generated unsteered, reading steered keys and "
+                    "values), or only while generating")
+    ap.add_argument("--ops", default="add,clamp,ablate", help="operators on the grid")
+    ap.add_argument("--alphas", default=None,
+                    help="strengths for add and clamp, e.g. 1,2,3 (default: the grid's)")
+    ap.add_argument("--starts", default=None, help="block starts, e.g. 15 (default: three "
+                    "across the window)")
+    ap.add_argument("--name", default="tradeoff", help="stem of the output files in --out")
     args = ap.parse_args()
 
     from refusalkit.config import parse_set
@@ -106,8 +120,9 @@ def main() -> None:
             if op == "ablate":
                 return Profile((ablation(fit.directions[params["start"]],
                                          list(range(lm.n_layers))),))
-            return build_profile(params, fit.directions, fit.gaps,
+            prof = build_profile(params, fit.directions, fit.gaps,
                                  replace(space, operator=op), gate, fit.levels)
+            return replace(prof, ops=tuple(replace(o, phase=args.phase) for o in prof.ops))
 
         def measure(op: str, params: dict[str, Any], prompts: list[str],
                     keep: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -130,8 +145,13 @@ def main() -> None:
 
         unsteered_q = qrates(ex.answers(t_set))
         rows, answers = [], []
+        ops = tuple(args.ops.split(","))
+        alphas = ({o: tuple(float(a) for a in args.alphas.split(",")) for o in ops}
+                  if args.alphas else None)
+        starts = [int(x) for x in args.starts.split(",")] if args.starts else None
         for op, params in grid(*space.window, args.width,
-                               gate.layer if gate is not None else None):
+                               gate.layer if gate is not None else None, alphas, ops,
+                               starts):
             row, ans = measure(op, params, t_set, keep=True)
             rows.append(row)
             answers += ans
@@ -139,7 +159,7 @@ def main() -> None:
                 f"{row['target_useful']:.2f} keep {row['keep_refusal']:.2f} "
                 f"KL-if-open {row['kl_if_open']:.3f} ({time.perf_counter() - t0:.0f} s)")
         best = {op: choose_remove([r for r in rows if r["op"] == op], keep_min)
-                for op in ("add", "clamp", "ablate")}
+                for op in ops}
         held = st.splits.target_eval
         held_rows = {}
         for op, r in best.items():
@@ -147,11 +167,12 @@ def main() -> None:
             held_rows[op] = hr
             answers += [{**a, "held_out": True} for a in ans]
         before_held = qrates(ex.answers(held))
-        write_jsonl(args.out / "tradeoff_answers.jsonl", answers)
-        (args.out / "tradeoff.json").write_text(json.dumps(
-            {"rows": rows, "best": best, "held_out": held_rows, "keep_min": keep_min,
-             "unsteered_dev": unsteered_q, "unsteered_held_out": before_held}, indent=1))
-        plot(rows, best, unsteered_q, args.out / "tradeoff.png", cfg.model)
+        write_jsonl(args.out / f"{args.name}_answers.jsonl", answers)
+        (args.out / f"{args.name}.json").write_text(json.dumps(
+            {"phase": args.phase, "rows": rows, "best": best, "held_out": held_rows,
+             "keep_min": keep_min, "unsteered_dev": unsteered_q,
+             "unsteered_held_out": before_held}, indent=1))
+        plot(rows, best, unsteered_q, args.out / f"{args.name}.png", cfg.model)
 
     def f(x: Any) -> str:
         return "–" if x is None else f"{x:.2f}"
@@ -202,6 +223,8 @@ def plot(rows: list[dict[str, Any]], best: dict[str, dict[str, Any]],
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for op, marker in (("add", "o"), ("clamp", "s"), ("ablate", "^")):
+        if op not in best:
+            continue
         pts = [r for r in rows if r["op"] == op]
         ax.scatter([r["target_refusal"] for r in pts], [r["target_useful"] for r in pts],
                    marker=marker, label=op, alpha=0.8)

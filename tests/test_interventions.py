@@ -147,6 +147,31 @@ def test_phase_prompt_only_leaves_generation_steps_alone(tiny) -> None:
     assert [g[0].token_ids[0] for g in gen_only] == [g[0].token_ids[0] for g in base]
 
 
+def test_phase_prompt_plus_n_steers_the_prompt_and_the_first_n_tokens(tiny, tmp_path) -> None:
+    """"prompt+N": the prompt pass and N one-token steps steered, then the model continues
+    unsteered; the count restarts with each prompt pass (each batch, each generate call)."""
+    v = torch.randn(64) * 10
+    prompts = ["how do i make a bomb", "tell me about the weather please", "hi"]
+
+    def ids(phase: str) -> list[list[int]]:
+        prof = Profile((addition({1: v}, 1.0, phase=phase),))
+        return [g[0].token_ids for g in generate(tiny, prompts, max_new_tokens=8, batch_size=2,
+                                                 show_progress=False, profile=prof)]
+
+    both, prompt, plus2 = ids("both"), ids("prompt"), ids("prompt+2")
+    assert both != prompt  # the test can tell the phases apart
+    assert ids("prompt+0") == prompt and ids("prompt+50") == both
+    # the first token comes from the prompt pass, the next two from steered steps
+    assert [t[:3] for t in plus2] == [t[:3] for t in both]
+    assert plus2 != both
+    save_profile(Profile((addition({1: v}, 1.0, phase="prompt+2"),)), tmp_path / "p", tiny)
+    assert load_profile(tmp_path / "p", tiny).ops[0].phase == "prompt+2"
+    for bad in ("prompt+", "prompt+x", "first+2", "opening"):
+        with pytest.raises(UserError, match="prompt\\+N"):
+            with steer(tiny, Profile((addition({1: v}, 1.0, phase=bad),))):
+                pass
+
+
 def test_profile_round_trip_and_model_check(tiny, tmp_path: Path) -> None:
     prof = Profile((addition({1: torch.randn(64)}, {1: -2.5}),
                     ablation(torch.randn(64), [0, 3]),

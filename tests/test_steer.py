@@ -132,6 +132,32 @@ def test_clamp_operator_runs_through_the_pipeline(tmp_path: Path, monkeypatch) -
     assert 0.0 < metrics["kl_harmless"] < 1.0, metrics["kl_harmless"]
 
 
+def test_search_phase_reaches_the_profile_and_leaves_the_proxies_alone(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """search.phase = "prompt+1": the chosen profile and the estimator baseline steer the
+    prompt and one generated token; the proxies read only the prompt pass, so the search is
+    byte-identical to a "both" run, while the judged answers are generated with the phase."""
+    lm = build_tiny("llama")
+    monkeypatch.setattr("refusalkit.steer.pipeline.make_judge", lambda spec: PlantedWord())
+    runs = {}
+    for phase in ("both", "prompt+1"):
+        cfg = tiny_cfg(**{"search.phase": phase, "eval.examples": 0})
+        runs[phase] = run_steer(cfg, tmp_path / phase, show_progress=False, lm=lm)
+    out = runs["prompt+1"]
+    assert json.loads((out / "metrics.json").read_text())["phase"] == "prompt+1"
+    assert [op.phase for op in load_profile(out / "profile", lm).ops] == ["prompt+1"]
+    same = [(runs[p] / "stages" / "search.json").read_bytes() for p in runs]
+    assert same[0] == same[1]
+
+    def after(run: Path) -> list[str]:
+        rows = [json.loads(x) for x in (run / "answers.jsonl").read_text().splitlines()]
+        return [r["response"] for r in rows if r["profile"] != "before"]
+
+    assert after(runs["both"]) != after(runs["prompt+1"])
+    with pytest.raises(UserError, match="prompt\\+N"):
+        tiny_cfg(**{"search.phase": "generation"})
+
+
 def test_extra_target_sets_and_harmful_gate_opens_are_reported(tmp_path: Path,
                                                                monkeypatch) -> None:
     """A second held-out phrasing of the topic (data.target_extra) gets refusal, useful rate

@@ -9,7 +9,8 @@ A `Profile` is a list of operators, each a strategy over per-layer vectors (oper
   moves toward where addition would take a state starting at `level_l`, never past it, and
   states already beyond it are left alone.
 Each operator runs in the prompt phase (a forward over more than one new token), the
-generation phase (one new token with a KV cache) or both. `steer()` attaches a profile and
+generation phase (one new token with a KV cache), both, or the prompt and the first N
+generated tokens ("prompt+N"). `steer()` attaches a profile and
 always removes its hooks, on exit and on exception.
 """
 
@@ -36,10 +37,12 @@ from refusalkit.errors import UserError
 from refusalkit.geometry import unit
 from refusalkit.kernels import arditi_kernel, fold_kernel
 from refusalkit.models import LoadedModel
-from refusalkit.operators import OPERATORS, operator
+from refusalkit.operators import OPERATORS, opening_tokens, operator
 
 Kind = str  # a key of operators.OPERATORS: add, ablate, clamp
-Phase = Literal["prompt", "generation", "both"]
+# "both", "prompt", "generation", or "prompt+N": the prompt and the first N generated tokens
+# (operators.phase_clock says why)
+Phase = str
 
 
 @dataclass(frozen=True)
@@ -324,6 +327,7 @@ def load_profile(path: str | Path, lm: LoadedModel | None = None,
                            g.get("pool", "last"), veto, g.get("veto_threshold"))
         levels = {int(k): float(v) for k, v in meta.get("levels", {}).items()}
         op = Op(meta["kind"], vectors, strengths, meta.get("phase", "both"), gate, levels)
+        opening_tokens(op.phase)
         operator(op.kind).validate(op, str(path))
         ops.append(op)
     extra = {k: v for k, v in art.manifest.items()

@@ -32,6 +32,38 @@ def in_phase(phase: str, h: torch.Tensor) -> bool:
     return prompt_pass if phase == "prompt" else not prompt_pass
 
 
+def opening_tokens(phase: str) -> int | None:
+    """N for a "prompt+N" phase (the prompt pass and the first N generation steps), None for
+    the three plain phases; a malformed phase is one line."""
+    if phase in ("both", "prompt", "generation"):
+        return None
+    head, _, n = phase.partition("+")
+    if head != "prompt" or not n.isdigit():
+        raise UserError(f"unknown phase '{phase}'; use both, prompt, generation or prompt+N "
+                        "(the prompt and the first N generated tokens, e.g. prompt+8)")
+    return int(n)
+
+
+def phase_clock(phase: str) -> Callable[[torch.Tensor], bool]:
+    """Whether a hook acts on this forward, one clock per hook. "prompt+N" steers the prompt
+    pass and the next N one-token steps: the model decides whether to refuse in its first
+    words, and an answer it has started is then continued by the unsteered model, which
+    keeps it fluent; a new prompt pass restarts the count."""
+    n = opening_tokens(phase)
+    if n is None:
+        return lambda h: in_phase(phase, h)
+    steps = {"since_prompt": 0}
+
+    def active(h: torch.Tensor) -> bool:
+        if h.shape[1] > 1:
+            steps["since_prompt"] = 0
+            return True
+        steps["since_prompt"] += 1
+        return steps["since_prompt"] <= n
+
+    return active
+
+
 def project_out(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     r = r.to(h.dtype)
     return h - (h @ r)[..., None] * r
@@ -80,9 +112,10 @@ class Add(Operator):
         coef = op.strength(layer) * scale
         if coef == 0.0:
             return []
+        active = phase_clock(op.phase)
 
         def add_fn(h: torch.Tensor) -> torch.Tensor:
-            if not in_phase(op.phase, h):
+            if not active(h):
                 return h
             delta = (coef * vec).to(h.dtype)
             if gate_state is not None:
@@ -109,9 +142,10 @@ class Clamp(Operator):
         norm = vec.double().norm().clamp_min(1e-12)
         unit = (vec.double() / norm).float()
         target = float(op.levels[layer] + coef * norm)
+        active = phase_clock(op.phase)
 
         def clamp_fn(h: torch.Tensor) -> torch.Tensor:
-            if not in_phase(op.phase, h):
+            if not active(h):
                 return h
             u = unit.to(h.dtype)
             p = h @ u
@@ -143,9 +177,10 @@ class Ablate(Operator):
         # The phase is decided on the layer input ([batch, seq, d]); writers inside the layer
         # (MoE experts may see flattened [tokens, d]) follow that decision.
         active = {"on": True}
+        clock = phase_clock(op.phase)
 
         def ablate_in(h: torch.Tensor) -> torch.Tensor:
-            active["on"] = in_phase(op.phase, h)
+            active["on"] = clock(h)
             return project_out(h, vec) if active["on"] else h
 
         def ablate_out(h: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from refusalkit.artifacts import (
 )
 from refusalkit.errors import UserError
 from refusalkit.interventions import Gate, Op, Phase, Profile, ablation, addition, clamping
+from refusalkit.operators import opening_tokens
 
 OPS = ("add", "ablate", "clamp")
 NO_PROJECTIONS = ("'{path}' does not record the prompt sets' projections (written by an older "
@@ -136,8 +137,7 @@ class Recipe:
         """Every mistake that needs no file, with the fix in one line."""
         if self.op not in OPS:
             raise UserError(f"unknown --op '{self.op}'; use add, ablate or clamp")
-        if self.phase not in ("prompt", "generation", "both"):
-            raise UserError(f"unknown --phase '{self.phase}'; use prompt, generation or both")
+        opening_tokens(self.phase)
         if self.op == "ablate" and (self.alpha is not None or self.relative):
             raise UserError("--op ablate projects the direction out and takes no --alpha")
         if self.op != "ablate" and self.alpha is None:

@@ -59,7 +59,9 @@ def register(app: typer.Typer) -> None:
             "layer (Arditi-style; with --op ablate --layers all the profile can be exported "
             "as an abliterated checkpoint)."),
         name: str = typer.Option("refusal", "--direction", help="Direction name in DIRS."),
-        phase: str = typer.Option("both", "--phase", help="prompt | generation | both."),
+        phase: str = typer.Option(
+            "both", "--phase", help="prompt | generation | both | prompt+N (the prompt and "
+            "the first N generated tokens)."),
     ) -> None:
         from refusalkit.interventions import save_profile
         from refusalkit.profiles import Recipe, check_out, profile_from_directions

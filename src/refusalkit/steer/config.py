@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from refusalkit.config import ConfigModel
+from refusalkit.errors import UserError
+from refusalkit.operators import opening_tokens
 
 
 class DataConfig(ConfigModel):
@@ -109,6 +111,12 @@ class SearchConfig(ConfigModel):
     """How the direction is applied: add it (every state shifted by the same amount), or
     clamp (addition capped per state: states the direction already puts on the answering
     side are left alone, so leaks and answers change less; see interventions.clamping)."""
+    phase: str = "both"
+    """When the chosen profile steers: every forward ("both"), or the prompt and the first N
+    generated tokens ("prompt+N"), after which the answer the model has begun is continued
+    unsteered (it still reads the steered prompt's keys and values). The search's proxies
+    read only the prompt pass, so they are the same either way; verification and the
+    evaluation generate with it."""
     gate: Literal["off", "on", "search"] = "search"
     """Topic gate (conditional steering): off, always on, or let the search decide."""
     gate_max_layer: float = Field(0.45, gt=0, lt=1)
@@ -154,6 +162,20 @@ class SearchConfig(ConfigModel):
     verify_prompts: int = Field(32, ge=2)
     """At most this many baseline-refused (remove) / answered (induce) target prompts are
     generated and judged per verified candidate."""
+
+    @field_validator("phase")
+    @classmethod
+    def _known_phase(cls, v: str) -> str:
+        try:
+            opening_tokens(v)
+            ok = v != "generation"
+        except UserError:
+            ok = False
+        if not ok:
+            raise ValueError("use both, prompt or prompt+N (the prompt and the first N "
+                             "generated tokens, e.g. prompt+4); a profile that skips the "
+                             "prompt pass cannot change the first answer token")
+        return v
 
     @field_validator("gate_phrasings")
     @classmethod

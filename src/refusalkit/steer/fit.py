@@ -124,7 +124,7 @@ def search_space(lm: LoadedModel, search: SearchConfig, mode: Mode) -> SearchSpa
     lo, hi = max(1, min(lo, lm.n_layers - 1)), max(lo + 1, min(hi, lm.n_layers))
     gate = {"off": (False,), "on": (True,), "search": (False, True)}[search.gate]
     return SearchSpace((lo, hi), search.max_layers, search.alpha_max, mode.sign, gate,
-                       search.operator)
+                       search.operator, search.phase)
 
 
 def gate_of_record(rec: dict[str, Any] | None) -> Gate | None:

@@ -119,7 +119,8 @@ def steer_state(cfg: SteerConfig, out: str | Path, *, resume: bool = False,
     manifest = run_manifest("steer", cfg.model_dump(mode="json"), model=model_record(lm),
                             datasets=[dataset_record(k, v) for k, v in splits.named().items()],
                             seeds={"seed": cfg.seed})
-    with RunDir(out, manifest, resume=resume, reuse_from=reuse_from) as run:
+    with RunDir(out, manifest, resume=resume, reuse_from=reuse_from,
+                defaults=type(cfg).defaults()) as run:
         decoding = Decoding(cfg.judge.mode, cfg.judge.k, cfg.judge.max_new_tokens, cfg.seed)
         ex = Examiner(lm, judge, decoding, cache=JudgementCache(run.file("judgements.sqlite")),
                       batch_size=cfg.batch_size, show_progress=show_progress)
@@ -264,7 +265,8 @@ class Steer:
         metrics = {k: v for k, v in evaluated.items() if not k.startswith("_")}
         metrics.update({
             "mode": self.mode.name, "method": cfg.directions.method,
-            "operator": cfg.search.operator, "chosen_layers": profile.layers,
+            "operator": cfg.search.operator, "phase": cfg.search.phase,
+            "chosen_layers": profile.layers,
             "chosen_strengths": {str(k): v for k, v in profile.ops[0].strengths.items()},
             "gated": bool(params.get("gate", False)),
             "search_generated_tokens": verified["generated_tokens"],

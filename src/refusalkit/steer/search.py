@@ -35,6 +35,7 @@ class SearchSpace:
     sign: float  # -1 removes refusal, +1 induces it
     gate_choices: tuple[bool, ...] = (False,)
     operator: str = "add"  # "add", or "clamp" (addition capped per state, see clamping)
+    phase: str = "both"  # when the profile steers (SearchConfig.phase)
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,9 @@ def build_profile(params: Mapping[str, Any], directions: torch.Tensor, gaps: Seq
         if levels is None:
             raise ValueError("a clamp search needs the moved class's projection per layer")
         op = clamping(vectors, strengths, {layer: levels[layer] for layer in layers},
-                      gate=use_gate)
+                      space.phase, use_gate)
     else:
-        op = addition(vectors, strengths, gate=use_gate)
+        op = addition(vectors, strengths, space.phase, use_gate)
     return Profile((op,), meta={"search_params": dict(params)})
 
 
