@@ -137,7 +137,11 @@ class Recipe:
         """Every mistake that needs no file, with the fix in one line."""
         if self.op not in OPS:
             raise UserError(f"unknown --op '{self.op}'; use add, ablate or clamp")
-        opening_tokens(self.phase)
+        try:
+            opening_tokens(self.phase)
+        except UserError:
+            raise UserError(f"unknown --phase '{self.phase}'; use prompt, generation, both or "
+                            "prompt+N (the prompt and the first N generated tokens)") from None
         if self.op == "ablate" and (self.alpha is not None or self.relative):
             raise UserError("--op ablate projects the direction out and takes no --alpha")
         if self.op != "ablate" and self.alpha is None:

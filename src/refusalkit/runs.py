@@ -230,7 +230,8 @@ class RunDir:
         self._lock = _acquire(self.path / LOCK)
         if existing.is_file():
             old = json.loads(existing.read_text())
-            old["config"] = with_defaults(old.get("config", {}), defaults)
+            if isinstance(old.get("config"), Mapping):
+                old["config"] = with_defaults(old["config"], defaults)
             for key in RESUME_KEYS:
                 if old.get(key) != manifest.get(key):
                     self.close()
