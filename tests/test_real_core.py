@@ -9,7 +9,7 @@ from conftest import assert_same_up_to_float32
 
 from refusalkit.activations import capture
 from refusalkit.directions import mean_difference, per_layer
-from refusalkit.generation import generate_text
+from refusalkit.generation import generate, generate_text
 from refusalkit.geometry import auc, depth_window, layer_auc
 from refusalkit.interventions import (
     Profile,
@@ -96,6 +96,29 @@ def test_ablation_bypasses_and_addition_induces_refusal(qwen, qwen_direction) ->
     induced = generate_text(qwen, answered, max_new_tokens=24, profile=added,
                             show_progress=False)
     assert sum(map(kw.is_refusal, induced)) >= len(answered) / 2
+
+
+def test_a_prompt_plus_n_profile_steers_the_opening_then_lets_the_model_go_on(
+        qwen, qwen_direction) -> None:
+    """phase "prompt+4" on a real model: the first five answer tokens are those of the same
+    profile steering every token (the prompt pass and four steps), later ones are the
+    unsteered model's continuation; the refusal the opening commits to stays."""
+    layer, _pos, r, gap, _, _ = qwen_direction
+    kw = KeywordJudge()
+    harmless = load_prompts("harmless_test").take(40, seed=2).prompts
+    base = generate_text(qwen, harmless, max_new_tokens=24, show_progress=False)
+    answered = [p for p, t in zip(harmless, base, strict=True) if not kw.is_refusal(t)][:16]
+
+    def ids(phase: str) -> list[list[int]]:
+        prof = Profile((addition({layer: r}, gap, phase=phase),))
+        return [g[0].token_ids for g in generate(qwen, answered, max_new_tokens=24,
+                                                  profile=prof, show_progress=False)]
+
+    both, opening = ids("both"), ids("prompt+4")
+    assert [t[:5] for t in opening] == [t[:5] for t in both]
+    assert opening != both
+    text = qwen.tokenizer.batch_decode(opening, skip_special_tokens=True)
+    assert sum(map(kw.is_refusal, text)) >= len(answered) / 2, text
 
 
 def test_clamp_removes_refusal_and_changes_answered_prompts_less(qwen, qwen_direction) -> None:

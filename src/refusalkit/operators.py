@@ -48,7 +48,9 @@ def phase_clock(phase: str) -> Callable[[torch.Tensor], bool]:
     """Whether a hook acts on this forward, one clock per hook. "prompt+N" steers the prompt
     pass and the next N one-token steps: the model decides whether to refuse in its first
     words, and an answer it has started is then continued by the unsteered model, which
-    keeps it fluent; a new prompt pass restarts the count."""
+    keeps it fluent; a new prompt pass restarts the count. A teacher-forced forward over a
+    prompt and its answer together is one prompt pass, so it is steered throughout (what
+    scores next-token distributions wants; answer perplexities then over-state the change)."""
     n = opening_tokens(phase)
     if n is None:
         return lambda h: in_phase(phase, h)
