@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -69,8 +70,8 @@ def main() -> None:
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--phase", default="both",
                     help="when add and clamp steer: every forward (both), only the prompt "
-                    "pass (the answer is then generated unsteered, reading steered keys and "
-                    "values), or only while generating")
+                    "pass (prompt: the answer is then generated unsteered, reading steered "
+                    "keys and values), or the prompt and the first N answer tokens (prompt+N)")
     ap.add_argument("--ops", default="add,clamp,ablate", help="operators on the grid")
     ap.add_argument("--alphas", default=None,
                     help="strengths for add and clamp, e.g. 1,2,3 (default: the grid's)")
@@ -82,6 +83,7 @@ def main() -> None:
     from refusalkit.config import parse_set
     from refusalkit.evaluate import Judged, refusal_rate
     from refusalkit.interventions import Profile, ablation, lift_gate
+    from refusalkit.operators import opening_tokens
     from refusalkit.prompts import write_jsonl
     from refusalkit.quality import assess
     from refusalkit.quality import rates as quality_rates
@@ -92,6 +94,7 @@ def main() -> None:
     from refusalkit.steer.pipeline import steer_state
     from refusalkit.steer.search import build_profile
 
+    opening_tokens(args.phase)  # a bad phase fails here, not after the model load
     cfg = SteerConfig.load(args.config, parse_set(args.sets))
     if cfg.mode != "remove":
         raise SystemExit("error: the trade-off curve is for mode = \"remove\" configs")
@@ -120,9 +123,9 @@ def main() -> None:
             if op == "ablate":
                 return Profile((ablation(fit.directions[params["start"]],
                                          list(range(lm.n_layers))),))
-            prof = build_profile(params, fit.directions, fit.gaps,
-                                 replace(space, operator=op), gate, fit.levels)
-            return replace(prof, ops=tuple(replace(o, phase=args.phase) for o in prof.ops))
+            return build_profile(params, fit.directions, fit.gaps,
+                                 replace(space, operator=op, phase=args.phase), gate,
+                                 fit.levels)
 
         def measure(op: str, params: dict[str, Any], prompts: list[str],
                     keep: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -192,7 +195,7 @@ def main() -> None:
                       f(r["gate_open"])] for op, r in held_rows.items()])
     text = "\n".join([
         f"## refusal vs useful answers across operators ({cfg.model})", "",
-        f"`python bench/bench_tradeoff.py{''.join(' --set ' + s for s in args.sets)}`; "
+        f"`python bench/bench_tradeoff.py {shlex.join(sys.argv[1:])}`; "
         f"{len(t_set)} refused fitting prompts per point (dev), unsteered refusal "
         f"{f(unsteered_q['refusal'])}, useful {f(unsteered_q['useful'])}; safety kept "
         f"must be ≥ {keep_min:.2f}; {time.perf_counter() - t0:.0f} s; {note}.", "",
