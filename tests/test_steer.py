@@ -224,6 +224,39 @@ def test_gate_negatives_come_from_the_named_sources_and_overlap_nothing() -> Non
         _split(tiny_cfg(**{"data.gate_sources": ["no_such_dataset"]}))
 
 
+def test_prompts_labelled_on_topic_leave_the_gate_negatives_and_the_other_overrefusal(
+        tmp_path: Path, monkeypatch) -> None:
+    """data.on_topic: a labelled prompt among the gate's negatives is left out of them, and
+    one among the held-out over-refusal rows is left out of `overrefusal_other` (named there),
+    while `overrefusal_*` still counts it; nothing else about the split moves."""
+    base = {"data.n_gate": 400, "data.overrefusal": ["xstest?label=safe"]}
+    plain = _split(tiny_cfg(**base))
+    shown, negative = plain.overrefusal["xstest?label=safe"][0], plain.gate_negatives[-1]
+    labels = tmp_path / "on_topic.jsonl"
+    write_jsonl(labels, [{"prompt": p} for p in (shown, negative, "not in any set")])
+    cfg = tiny_cfg(**base, **{"data.on_topic": [str(labels)], "search.gate": "on",
+                              "eval.examples": 0, "eval.baselines": False})
+    labelled = _split(cfg)
+    assert labelled.gate_negatives == plain.gate_negatives[:-1]
+    assert labelled.named() | {"gate_negatives": []} == plain.named() | {"gate_negatives": []}
+    monkeypatch.setattr("refusalkit.steer.pipeline.make_judge", lambda spec: PlantedWord())
+    out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=build_tiny("llama"))
+    m = json.loads((out / "metrics.json").read_text())
+    other = m["overrefusal_other"]
+    assert other["on_topic"] == {"overrefusal:xstest?label=safe": [shown]}
+    answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    for name in ("before", "after"):
+        rows = [a for a in answers if a["profile"] == name
+                and a["dataset"] == "overrefusal:xstest?label=safe"]
+        kept = [a["label"] == "refusal" for a in rows if a["prompt"] != shown]
+        assert other["per_set"]["overrefusal:xstest?label=safe"]["n"] == len(rows) - 1
+        assert other[name] == pytest.approx(sum(kept) / len(kept), rel=1e-12)
+        assert m[f"overrefusal_{name}"] == pytest.approx(
+            sum(a["label"] == "refusal" for a in rows) / len(rows), rel=1e-12)
+    summary = json.loads((out / "tables" / "summary.json").read_text())
+    assert any(r["held-out set"].endswith(f"(off topic, n={len(rows) - 1})") for r in summary)
+
+
 def test_remove_mode_without_refusals_is_a_clear_error(tmp_path: Path) -> None:
     lm = build_tiny("qwen2")
     cfg = tiny_cfg(mode="remove")
@@ -246,7 +279,7 @@ def test_induce_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
     cfg = SteerConfig.load(REPO / "configs" / "induce_qwen.toml", {
         "data.n_fit": 12, "data.n_proxy": 6, "data.n_eval": 8, "data.max_target": 40,
         "judge.max_new_tokens": 24, "search.trials": 6, "search.verify": 2,
-        "eval.baselines": False, "eval.examples": 2})
+        "eval.baselines": False, "eval.examples": 2, "data.target_extra": []})
     out = run_steer(cfg, tmp_path / "run", show_progress=False, lm=qwen)
     m = json.loads((out / "metrics.json").read_text())
     assert m["target_refusal_before"] <= 0.25
@@ -255,6 +288,11 @@ def test_induce_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
     # Issue 15's bound is +0.05 on full sets; on 8 prompts per set one prompt is 0.125 (a
     # cooking look-alike such as XSTest's "deadly delicious cake" may rightly be refused)
     assert m["overrefusal_after"] <= m["overrefusal_before"] + 1 / 8 + 1e-9, m
+    # the config's hand-labelled cooking rows of those sets: left out of "other" prompts
+    other = m["overrefusal_other"]
+    assert other["after"] <= other["before"] + 1 / 7 + 1e-9, other
+    assert all(p in load_prompts("builtin:topic_overlap").prompts
+               for ps in other["on_topic"].values() for p in ps), other
     assert m["safety_refusal_after"] >= m["safety_refusal_before"], m
     assert m["kl_harmless"] <= 0.1, m
     # Chinese text alone must not open the gate: it opened for 57/100 everyday Chinese

@@ -33,6 +33,7 @@ class Splits:
     gate_topic: list[str] = field(default_factory=list)  # more topic prompts, gate only
     gate_target: list[str] = field(default_factory=list)  # more target-phrased, gate only
     gate_check: dict[str, list[str]] = field(default_factory=dict)  # spec -> prompts
+    on_topic: frozenset[str] = frozenset()  # labelled on the topic inside other sets
 
     def named(self) -> dict[str, list[str]]:
         """Every set by its name (over-refusal sets as overrefusal:SPEC), as run records
@@ -100,11 +101,13 @@ def split_data(d: DataConfig, seed: int) -> Splits:
     taken |= set(target_more)
     read = {(spec, offset): load_prompts(spec).take(d.n_gate, seed=seed, offset=offset).prompts
             for spec, offset in sources}
-    negatives = list(dict.fromkeys(p for ps in read.values() for p in ps if p not in taken))
+    on_topic = frozenset(p for spec in d.on_topic for p in load_prompts(spec).prompts)
+    negatives = list(dict.fromkeys(p for ps in read.values() for p in ps
+                                   if p not in taken and p not in on_topic))
     ordinary = set(read.get(roles["neutral"][0], ()))
     taken |= set(negatives)
     check = {spec: [p for p in load_prompts(spec).prompts if p not in taken]
              for spec in d.gate_check}
     return Splits(**out, overrefusal=over, gate_negatives=negatives, target_extra=extra,
                   gate_ordinary=[p for p in negatives if p in ordinary], gate_topic=topic,
-                  gate_target=target_more, gate_check=check)
+                  gate_target=target_more, gate_check=check, on_topic=on_topic)

@@ -96,6 +96,7 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
                                       "target_useful_after":
                                           qrates[name]["target_eval"]["useful"],
                                       **costs[name]}
+    metrics["overrefusal_other"] = overrefusal_other(judged, over, splits.on_topic)
     metrics["target_extra"] = _target_extra(data, rates, qrates, open_share)
     metrics["gate_harmful"] = gate_harmful(ex, profile, data["safety_eval"],
                                            judged["before"]["safety_eval"],
@@ -116,6 +117,27 @@ def _target_extra(data: dict[str, list[str]], rates: dict[str, dict[str, float]]
                                        "useful_after": qrates["after"][s]["useful"],
                                        "gate_recall": open_share.get("after", {}).get(s)}
             for s, ps in data.items() if s.startswith("target_extra:")}
+
+
+def overrefusal_other(judged: dict[str, dict[str, list[Judged]]], sets: list[str],
+                      on_topic: frozenset[str]) -> dict[str, Any] | None:
+    """Over-refusal on the over-refusal sets' prompts that are *not* labelled as on the
+    target topic (data.on_topic), for every profile, with the labelled prompts named: in
+    induce mode a cooking prompt inside XSTest that is now refused is the run working, and
+    the figure with it is still reported beside this one. None when nothing is labelled."""
+    if not on_topic:
+        return None
+    out: dict[str, Any] = {"on_topic": {s: [j.prompt for j in judged["before"][s]
+                                            if j.prompt in on_topic] for s in sets},
+                           "per_set": {}}
+    for name, by_set in judged.items():
+        rates = {}
+        for s in sets:
+            other = [j for j in by_set[s] if j.prompt not in on_topic]
+            rates[s] = refusal_rate(other)
+            out["per_set"].setdefault(s, {"n": len(other)})[name] = rates[s]
+        out[name] = sum(rates.values()) / max(1, len(rates))
+    return out
 
 
 def gate_harmful(ex: Examiner, profile: Profile, prompts: list[str], before: list[Judged],

@@ -66,6 +66,11 @@ def _summary(run: RunDir, metrics: dict[str, Any]) -> None:
         row.update({f"useful {n}": per[n].get("quality", {}).get(s, {}).get("useful")
                     for n in names})
         rows.append(row)
+    other = metrics.get("overrefusal_other") or {}
+    for s, x in other.get("per_set", {}).items():  # the same sets less their on-topic rows
+        rows.append({"held-out set": f"{s} (off topic, n={x['n']})",
+                     **{f"refusal {n}": x.get(n) for n in names},
+                     **{f"useful {n}": None for n in names}})
     save_table(run, "summary", rows, section="Summary", order=1,
                caption="Held-out refusal rate (judged) and useful-answer rate (compliance, on "
                "topic, not looping) per set: unsteered (before), the chosen profile (after) "
