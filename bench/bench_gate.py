@@ -159,9 +159,11 @@ def one_gate(lm: Any, cfg: Any, args: argparse.Namespace) -> list[list[Any]]:
             sub = [p for p in load_prompts(f"{spec}?lang={lang}").prompts if p in set(ps)]
             if sub:
                 measure(f"{spec} ({lang})", sub, True)
-    # dev: ordinary prompts from the neutral source that no role used (training data)
+    # dev: ordinary prompts from the neutral source that no role used (training data); the
+    # rows labelled as on the topic (data.on_topic) are not "other" prompts, so not counted
     for spec in (["harmless_train"] if args.dev_only else SETS):
-        ps = [p for p in load_prompts(spec).prompts if p not in used][:args.limit]
+        ps = [p for p in load_prompts(spec).prompts
+              if p not in used and p not in splits.on_topic][:args.limit]
         measure(f"{spec} (rows no role used)", ps, False)
     # harmful_test past the rows above, split by parity: even rows are DEV (for choosing how
     # the gate is fitted against harmful requests), odd rows stay held out
