@@ -99,14 +99,15 @@ def test_nothing_held_out_is_a_near_copy_of_what_runs_fit_or_choose_on() -> None
 
 
 def test_topic_overlap_labels_prompts_of_the_overrefusal_sets() -> None:
-    """builtin:topic_overlap labels rows of the public over-refusal sets, so each of its
+    """builtin:topic_overlap labels rows of the public over-refusal sets and of the ordinary
+    prompts KL is measured on (harmless_test), so each of its
     prompts is a row of the set it names, on a topic a shipped induce config uses; leaving
     them out of "other" prompts leaves most of each set (no set is mostly on a topic)."""
     rows = _rows("topic_overlap")
     assert {r["topic"] for r in rows} == {"cooking", "investing"}
     for r in rows:
         assert r["prompt"] in load_prompts(r["dataset"]).prompts, r
-    for spec in ("xstest?label=safe", "coconot_contrast"):
+    for spec in ("xstest?label=safe", "coconot_contrast", "harmless_test"):
         every = load_prompts(spec).prompts
         assert 0 < sum(p in every for p in load_prompts("builtin:topic_overlap").prompts) \
             < len(every) / 10
