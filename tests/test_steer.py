@@ -232,8 +232,9 @@ def test_prompts_labelled_on_topic_leave_the_gate_negatives_and_the_other_overre
     base = {"data.n_gate": 400, "data.overrefusal": ["xstest?label=safe"]}
     plain = _split(tiny_cfg(**base))
     shown, negative = plain.overrefusal["xstest?label=safe"][0], plain.gate_negatives[-1]
+    ordinary = plain.kl_eval[0]  # a labelled row among the KL prompts
     labels = tmp_path / "on_topic.jsonl"
-    write_jsonl(labels, [{"prompt": p} for p in (shown, negative, "not in any set")])
+    write_jsonl(labels, [{"prompt": p} for p in (shown, negative, ordinary, "not in any set")])
     cfg = tiny_cfg(**base, **{"data.on_topic": [str(labels)], "search.gate": "on",
                               "eval.examples": 0, "eval.baselines": False})
     labelled = _split(cfg)
@@ -255,6 +256,13 @@ def test_prompts_labelled_on_topic_leave_the_gate_negatives_and_the_other_overre
             sum(a["label"] == "refusal" for a in rows) / len(rows), rel=1e-12)
     summary = json.loads((out / "tables" / "summary.json").read_text())
     assert any(r["held-out set"].endswith(f"(off topic, n={len(rows) - 1})") for r in summary)
+    # KL off topic: the KL prompts less the labelled one; with it, the whole-set mean
+    kl, n = m["kl_other"], m["kl_harmless_prompts"]
+    assert kl["on_topic"] == [ordinary] and kl["n"] == n - 1
+    assert (kl["after"] * (n - 1) + kl["after_on_topic"]) / n == pytest.approx(
+        m["kl_harmless"], rel=1e-6, abs=1e-12)
+    costs = json.loads((out / "tables" / "costs.json").read_text())
+    assert costs[0][f"kl_harmless off topic (n={n - 1})"] == kl["after"]
 
 
 def test_remove_mode_without_refusals_is_a_clear_error(tmp_path: Path) -> None:
@@ -295,6 +303,8 @@ def test_induce_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
                for ps in other["on_topic"].values() for p in ps), other
     assert m["safety_refusal_after"] >= m["safety_refusal_before"], m
     assert m["kl_harmless"] <= 0.1, m
+    if m["kl_other"]:  # a recipe inside harmless_test drawn for KL: off topic bounded too
+        assert m["kl_other"]["after"] <= 0.1, m["kl_other"]
     # Chinese text alone must not open the gate: it opened for 57/100 everyday Chinese
     # prompts (each then refused) before they joined its other side
     opened = m["gate_open"]["after"]

@@ -48,10 +48,11 @@ class DataConfig(ConfigModel):
     target's questions alone reads "a question about X", not "X"."""
     on_topic: list[str] = []
     """Prompts a person labelled as on the target topic inside the other sets (e.g.
-    builtin:topic_overlap?topic=cooking: the cooking prompts in XSTest-safe and CoCoNot
-    contrast). They are left out of the topic gate's negatives, and over-refusal is also
-    reported without them (metrics.json `overrefusal_other`): in induce mode, refusing a
-    cooking prompt there is what the run is for, not over-refusal."""
+    builtin:topic_overlap?topic=cooking: the cooking prompts in XSTest-safe, CoCoNot
+    contrast and harmless_test). They are left out of the topic gate's negatives, and
+    over-refusal and KL are also reported without them (metrics.json `overrefusal_other`,
+    `kl_other`): in induce mode, refusing a cooking prompt there is what the run is for,
+    not over-refusal or damage to ordinary prompts."""
     n_fit: int = Field(32, ge=4)
     """Prompts drawn from each of safety_fit and neutral for fitting."""
     n_proxy: int = Field(16, ge=2)

@@ -56,7 +56,9 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
                       for s, js in by_set.items()} for name, by_set in judged.items()}
     qrates = {name: {s: quality_rates(qs) for s, qs in by_set.items()}
               for name, by_set in quality.items()}
-    costs = {name: _cost(ex, splits, p) for name, p in {"after": profile, **baselines}.items()}
+    costs, kl_each = {}, {}
+    for name, p in {"after": profile, **baselines}.items():
+        costs[name], kl_each[name] = _cost(ex, splits, p)
     for name, p in {"after": profile, **baselines}.items():
         g = gate_of(p)
         if g is not None:
@@ -97,6 +99,8 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
                                           qrates[name]["target_eval"]["useful"],
                                       **costs[name]}
     metrics["overrefusal_other"] = overrefusal_other(judged, over, splits.on_topic)
+    metrics["kl_other"] = kl_other(kl_each, splits.harmless_eval + splits.kl_eval,
+                                   splits.on_topic)
     metrics["target_extra"] = _target_extra(data, rates, qrates, open_share)
     metrics["gate_harmful"] = gate_harmful(ex, profile, data["safety_eval"],
                                            judged["before"]["safety_eval"],
@@ -140,6 +144,23 @@ def overrefusal_other(judged: dict[str, dict[str, list[Judged]]], sets: list[str
     return out
 
 
+def kl_other(kl_each: dict[str, torch.Tensor], prompts: list[str],
+             on_topic: frozenset[str]) -> dict[str, Any] | None:
+    """KL on the KL prompts that are *not* labelled as on the target topic, per profile: in
+    induce mode the gate opening on a recipe inside the ordinary prompts is the run working,
+    not damage to other prompts (the whole-set kl_harmless stays beside it). None when no
+    labels are given or none of them fell in the KL draw (the figure would equal kl_harmless)."""
+    mask = torch.tensor([p not in on_topic for p in prompts], dtype=torch.bool)
+    if not on_topic or bool(mask.all()):
+        return None
+    out: dict[str, Any] = {"on_topic": [p for p in prompts if p in on_topic],
+                           "n": int(mask.sum())}
+    for name, kl in kl_each.items():
+        out[name] = float(kl[mask].mean()) if out["n"] else None
+        out[f"{name}_on_topic"] = float(kl[~mask].mean())
+    return out
+
+
 def gate_harmful(ex: Examiner, profile: Profile, prompts: list[str], before: list[Judged],
                  after: list[Judged]) -> dict[str, Any] | None:
     """The topic gate on held-out harmful requests: the share it opens for (a harmful
@@ -173,10 +194,11 @@ def _judge_all(ex: Examiner, data: dict[str, list[str]], profiles: dict[str, Pro
     return judged, open_share
 
 
-def _cost(ex: Examiner, splits: Splits, p: Profile) -> dict[str, float]:
+def _cost(ex: Examiner, splits: Splits, p: Profile
+          ) -> tuple[dict[str, float], torch.Tensor]:
     """KL on harmless_eval plus the n_kl more held-out ordinary prompts (KL is cheap), and the
     perplexity ratio of the unsteered greedy answers to harmless_eval. A shut gate changes
-    nothing: only the rows it opens for are run."""
+    nothing: only the rows it opens for are run. Also returns the per-prompt KL."""
     harmless, kl_prompts = splits.harmless_eval, splits.harmless_eval + splits.kl_eval
     base_logp = ex.logprobs(kl_prompts)
     base_answers = [j.response for j in ex.answers(harmless, mode="greedy")]
@@ -189,7 +211,7 @@ def _cost(ex: Examiner, splits: Splits, p: Profile) -> dict[str, float]:
             "kl_harmless_first_n_eval": float(kl[: len(harmless)].mean()),
             "perplexity_ratio": perplexity_ratio(
                 ex.lm, harmless, base_answers, p,
-                ex.opened(g, harmless) if g is not None else None)}
+                ex.opened(g, harmless) if g is not None else None)}, kl
 
 
 def answers_of(judged: dict[str, dict[str, list[Judged]]],

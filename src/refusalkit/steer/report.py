@@ -80,6 +80,10 @@ def _summary(run: RunDir, metrics: dict[str, Any]) -> None:
               "perplexity_ratio": metrics.get("perplexity_ratio")}]
     costs += [{"profile": n, "kl_harmless": b.get("kl_harmless"),
                "perplexity_ratio": b.get("perplexity_ratio")} for n, b in sorted(base.items())]
+    kl_other = metrics.get("kl_other")
+    if kl_other:  # the KL prompts less those labelled as on the topic (data.on_topic)
+        for row in costs:
+            row[f"kl_harmless off topic (n={kl_other['n']})"] = kl_other.get(row["profile"])
     g, opened = metrics.get("gate"), metrics.get("gate_open", {}).get("after", {})
     harmful = metrics.get("gate_harmful") or {}
     for row in costs:
