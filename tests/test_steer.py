@@ -263,6 +263,15 @@ def test_prompts_labelled_on_topic_leave_the_gate_negatives_and_the_other_overre
         m["kl_harmless"], rel=1e-6, abs=1e-12)
     costs = json.loads((out / "tables" / "costs.json").read_text())
     assert costs[0][f"kl_harmless off topic (n={n - 1})"] == kl["after"]
+    # kl.jsonl: every KL prompt with its own KL, the labelled one flagged; the means agree
+    rows = [json.loads(x) for x in (out / "kl.jsonl").read_text().splitlines()]
+    assert len(rows) == n and [r["prompt"] for r in rows if r["on_topic"]] == [ordinary]
+    assert sum(r["after"] for r in rows) / n == pytest.approx(m["kl_harmless"], rel=1e-6,
+                                                               abs=1e-12)
+    moved = sorted((r["after"] for r in rows if r["after"] > 0), reverse=True)[:10]
+    assert moved, "the tiny gate opened for no KL prompt; the table below goes untested"
+    top = json.loads((out / "tables" / "kl_top.json").read_text())
+    assert [r["after"] for r in top] == moved
 
 
 def test_remove_mode_without_refusals_is_a_clear_error(tmp_path: Path) -> None:
@@ -305,6 +314,11 @@ def test_induce_pipeline_on_a_real_model(qwen, tmp_path: Path) -> None:
     assert m["kl_harmless"] <= 0.1, m
     if m["kl_other"]:  # a recipe inside harmless_test drawn for KL: off topic bounded too
         assert m["kl_other"]["after"] <= 0.1, m["kl_other"]
+    # which prompts the KL comes from: one row each, the same mean
+    kl = [json.loads(x) for x in (out / "kl.jsonl").read_text().splitlines()]
+    assert len(kl) == m["kl_harmless_prompts"]
+    assert sum(r["after"] for r in kl) / len(kl) == pytest.approx(m["kl_harmless"], rel=1e-6,
+                                                                  abs=1e-9)
     # Chinese text alone must not open the gate: it opened for 57/100 everyday Chinese
     # prompts (each then refused) before they joined its other side
     opened = m["gate_open"]["after"]

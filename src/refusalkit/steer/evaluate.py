@@ -107,6 +107,7 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
                                            judged["after"]["safety_eval"])
     metrics["_examples"] = examples_of(judged, quality, sets, n_examples)
     metrics["_answers"] = answers_of(judged, quality)
+    metrics["_kl"] = kl_rows(kl_each, splits.harmless_eval + splits.kl_eval, splits.on_topic)
     return metrics
 
 
@@ -159,6 +160,16 @@ def kl_other(kl_each: dict[str, torch.Tensor], prompts: list[str],
         out[name] = float(kl[mask].mean()) if out["n"] else None
         out[f"{name}_on_topic"] = float(kl[~mask].mean())
     return out
+
+
+def kl_rows(kl_each: dict[str, torch.Tensor], prompts: list[str],
+            on_topic: frozenset[str]) -> list[dict[str, Any]]:
+    """Each harmless prompt's next-token KL under every profile (run folder's kl.jsonl): the
+    mean says how much ordinary prompts moved, these rows say which ones, e.g. the food
+    prompts an induce gate opened for."""
+    return [{"prompt": p, "on_topic": p in on_topic,
+             **{name: float(kl[i]) for name, kl in kl_each.items()}}
+            for i, p in enumerate(prompts)]
 
 
 def gate_harmful(ex: Examiner, profile: Profile, prompts: list[str], before: list[Judged],

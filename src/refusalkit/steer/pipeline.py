@@ -154,9 +154,12 @@ class Steer:
             ex, self.splits, profile, baselines, cfg.eval.examples), STAGE_READS["evaluate"])
         examples = evaluated.get("_examples", [])
         write_jsonl(run.file("answers.jsonl"), evaluated.get("_answers", []))
+        kl = evaluated.get("_kl", [])  # absent in runs evaluated before it existed
+        if kl:
+            write_jsonl(run.file("kl.jsonl"), kl)
         metrics = self.metrics(evaluated, profile, verified, searched, gate_rec)
         run.write_json("metrics.json", metrics)
-        write_report(run, layer_rows, searched, verified, metrics, examples)
+        write_report(run, layer_rows, searched, verified, metrics, examples, kl)
 
     def fitted(self) -> tuple[dict[str, Any], Fit, list[dict[str, Any]],
                               dict[str, Any] | None]:

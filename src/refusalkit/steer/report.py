@@ -10,10 +10,13 @@ from refusalkit.runs import RunDir
 
 def write_report(run: RunDir, layer_rows: list[dict[str, Any]], searched: dict[str, Any],
                  verified: dict[str, Any], metrics: dict[str, Any],
-                 examples: list[dict[str, Any]]) -> None:
+                 examples: list[dict[str, Any]], kl: list[dict[str, Any]] | None = None
+                 ) -> None:
     """Figures, tables and examples for report.html, then the report itself."""
     save_examples(run, examples)
     _summary(run, metrics)
+    if kl:
+        _kl_top(run, kl)
     _layers(run, layer_rows, metrics.get("chosen_layers", []))
     _evaluation(run, metrics["per_dataset"])
     _search(run, searched["trials"], verified)
@@ -104,6 +107,18 @@ def _summary(run: RunDir, metrics: dict[str, Any]) -> None:
                "perplexity ratio of unsteered answers; the "
                "topic gate's out-of-fold recall on the topic and how often it opened on "
                "held-out harmful (safety) and harmless prompts (leaks)")
+
+
+def _kl_top(run: RunDir, kl: list[dict[str, Any]], n: int = 10) -> None:
+    """The harmless prompts the chosen profile moved most: a KL mean near its bound can be a
+    few prompts on the topic or a broad shift, and only the prompts tell which."""
+    top = sorted((r for r in kl if r.get("after", 0.0) > 0.0), key=lambda r: -r["after"])[:n]
+    if top:
+        save_table(run, "kl_top", top, section="Summary", order=3,
+                   caption=f"The {len(top)} held-out harmless prompts with the highest "
+                   "next-token KL under the chosen profile (after) and each baseline; "
+                   "on_topic: labelled as on the target topic (data.on_topic). Every "
+                   "prompt is in kl.jsonl")
 
 
 def _evaluation(run: RunDir, per: dict[str, Any]) -> None:
