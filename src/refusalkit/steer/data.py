@@ -35,6 +35,12 @@ class Splits:
     gate_check: dict[str, list[str]] = field(default_factory=dict)  # spec -> prompts
     on_topic: frozenset[str] = frozenset()  # labelled on the topic inside other sets
 
+    @property
+    def kl_prompts(self) -> list[str]:
+        """The ordinary prompts KL is measured on, in the order every per-prompt KL follows
+        (kl_harmless, kl_other, kl.jsonl): harmless_eval, then kl_eval."""
+        return self.harmless_eval + self.kl_eval
+
     def named(self) -> dict[str, list[str]]:
         """Every set by its name (over-refusal sets as overrefusal:SPEC), as run records
         and the gate fit name them."""

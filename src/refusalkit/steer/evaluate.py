@@ -87,7 +87,7 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
                                "quality": qrates[name]} for name in rates},
         "baselines": {},
         "gate_open": open_share,
-        "kl_harmless_prompts": len(splits.harmless_eval) + len(splits.kl_eval),
+        "kl_harmless_prompts": len(splits.kl_prompts),
         "kl_first_n": len(splits.harmless_eval),
     }
     for name in baselines:
@@ -99,15 +99,14 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
                                           qrates[name]["target_eval"]["useful"],
                                       **costs[name]}
     metrics["overrefusal_other"] = overrefusal_other(judged, over, splits.on_topic)
-    metrics["kl_other"] = kl_other(kl_each, splits.harmless_eval + splits.kl_eval,
-                                   splits.on_topic)
+    metrics["kl_other"] = kl_other(kl_each, splits.kl_prompts, splits.on_topic)
     metrics["target_extra"] = _target_extra(data, rates, qrates, open_share)
     metrics["gate_harmful"] = gate_harmful(ex, profile, data["safety_eval"],
                                            judged["before"]["safety_eval"],
                                            judged["after"]["safety_eval"])
     metrics["_examples"] = examples_of(judged, quality, sets, n_examples)
     metrics["_answers"] = answers_of(judged, quality)
-    metrics["_kl"] = kl_rows(kl_each, splits.harmless_eval + splits.kl_eval, splits.on_topic)
+    metrics["_kl"] = kl_rows(kl_each, splits.kl_prompts, splits.on_topic)
     return metrics
 
 
@@ -210,7 +209,7 @@ def _cost(ex: Examiner, splits: Splits, p: Profile
     """KL on harmless_eval plus the n_kl more held-out ordinary prompts (KL is cheap), and the
     perplexity ratio of the unsteered greedy answers to harmless_eval. A shut gate changes
     nothing: only the rows it opens for are run. Also returns the per-prompt KL."""
-    harmless, kl_prompts = splits.harmless_eval, splits.harmless_eval + splits.kl_eval
+    harmless, kl_prompts = splits.harmless_eval, splits.kl_prompts
     base_logp = ex.logprobs(kl_prompts)
     base_answers = [j.response for j in ex.answers(harmless, mode="greedy")]
     g = gate_of(p)
