@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from refusalkit.generation import eos_ids
-from refusalkit.interventions import Profile, steer
+from refusalkit.interventions import Profile, Steering, steer
 from refusalkit.models import LoadedModel
 
 OFF = None  # steering key of rows that run without any hooks
@@ -275,8 +275,8 @@ class Engine:
         self.stats.max_rows = max(self.stats.max_rows, len(rows))
         profile = None if key is OFF or self.profile is None else self.profile.scaled(key)
         try:
-            with steer(self.lm, profile), torch.inference_mode():
-                self._decode(rows)
+            with steer(self.lm, profile) as steering, torch.inference_mode():
+                self._decode(rows, steering)
         except Exception as exc:  # a bug or resource error fails these jobs, not the server
             for job in jobs:
                 job.end(exc)
@@ -284,8 +284,9 @@ class Engine:
         for job in jobs:
             job.end()
 
-    def _decode(self, rows: list[Row]) -> None:
-        """Left-padded prefill, then one token per step for the rows still running."""
+    def _decode(self, rows: list[Row], steering: Steering) -> None:
+        """Left-padded prefill, then one token per step for the rows still running (a gate
+        keeps the decisions it took on the remaining rows' prompts)."""
         lm, dev = self.lm, self.lm.device
         prompts = [r.job.prompt_ids for r in rows]
         width = max(len(p) for p in prompts)
@@ -320,6 +321,7 @@ class Engine:
             if len(keep) < len(live):
                 idx = torch.tensor(keep, device=dev)
                 past.reorder_cache(idx)
+                steering.keep_rows(idx)
                 mask, pos = mask[idx], pos[idx]
                 live = [live[i] for i in keep]
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)

@@ -3,19 +3,25 @@
 Log-probabilities are those of the sampled tokens under the model's raw next-token
 distribution (temperature 1 = the sampling distribution itself, before any top-p cut), which
 is what paper A's answer weights need.
+
+Greedy answers come from our own decoding loop (greedy_rows), which drops a row from the
+batch as soon as it ends; sampled ones, and greedy ones under a generation config whose
+logit processors that loop does not apply, come from `model.generate`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
 from refusalkit.activations import length_sorted_batches
 from refusalkit.errors import UserError
-from refusalkit.interventions import Profile, steer
+from refusalkit.interventions import Profile, Steering, steer
 from refusalkit.models import LoadedModel, strip_thinking
 from refusalkit.progress import bar
 
@@ -82,8 +88,19 @@ def generate(
     results: list[list[Generation]] = [[] for _ in prompts]
     # Samples share a prompt's batch, so shrink the prompt batch to keep rows bounded.
     per_batch = max(1, batch_size // k)
-    with bar("generate", len(prompts), show_progress) as progress, steer(lm, profile):
+    plain, min_new = plain_greedy(lm.model.generation_config)
+    with bar("generate", len(prompts), show_progress) as progress, \
+            steer(lm, profile) as steering:
         for idx in length_sorted_batches([len(e) for e in encoded], per_batch):
+            if greedy and plain:
+                for i, (ids, lps, done) in zip(idx, greedy_rows(
+                        steering, [encoded[i] for i in idx], max_new_tokens, eos, logprobs,
+                        min_new), strict=True):
+                    results[i].append(Generation(
+                        prompt=prompts[i], text=tok.decode(ids, skip_special_tokens=True),
+                        token_ids=tuple(ids), logprobs=tuple(lps), finished=done))
+                progress.advance(len(idx))
+                continue
             batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
             input_ids = batch["input_ids"].to(lm.device)
             if not greedy:
@@ -105,6 +122,84 @@ def generate(
             _collect(results, out, input_ids.shape[1], idx, k, prompts, tok, eos, logprobs)
             progress.advance(len(idx))
     return results
+
+
+# Generation-config fields that change which token greedy decoding picks. Our own loop
+# (greedy_rows) applies none of them but min_new_tokens, so a model whose config sets one
+# (a hub model's repetition_penalty, say) is decoded by model.generate as before.
+_PROCESSORS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+               "encoder_no_repeat_ngram_size", "bad_words_ids", "min_length", "suppress_tokens",
+               "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+               "sequence_bias", "exponential_decay_length_penalty", "guidance_scale",
+               "watermarking_config", "force_words_ids", "constraints", "num_beams",
+               "penalty_alpha", "low_memory", "prompt_lookup_num_tokens", "assistant_model")
+
+
+def plain_greedy(config: Any) -> tuple[bool, int]:
+    """Whether greedy_rows decodes exactly as model.generate would under this generation
+    config, and the config's min_new_tokens (the one processor it applies)."""
+    default = GenerationConfig()
+    plain = all(getattr(config, f, None) == getattr(default, f, None) for f in _PROCESSORS)
+    return plain, int(getattr(config, "min_new_tokens", None) or 0)
+
+
+@torch.inference_mode()
+def greedy_rows(steering: Steering, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                eos: set[int], logprobs: bool = True, min_new_tokens: int = 0
+                ) -> list[tuple[list[int], list[float], bool]]:
+    """Greedy decoding of one batch of token-id prompts: (answer ids without the end token,
+    their log-probs, whether an end token came) per row.
+
+    A row that has ended leaves the batch and the KV cache at once. `model.generate` keeps
+    it in every step until the longest answer is done; in a batch that mixes short refusals
+    with 40-token answers many of those row-steps decode padding (bench/bench_greedy.py
+    measures the difference). A gate keeps the decisions it took on the remaining rows'
+    prompts (Steering.keep_rows)."""
+    lm = steering.lm
+    dev = lm.device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), lm.tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                   logits_to_keep=1)
+    rows: list[tuple[list[int], list[float], bool]] = [([], [], False) for _ in prompts]
+    live = list(range(len(prompts)))
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        pick = logits
+        if step < min_new_tokens:  # as model.generate's min_new_tokens: no end token yet
+            pick = logits.clone()
+            pick[:, sorted(eos)] = -math.inf
+        nxt = pick.argmax(-1)
+        lp = (logits.log_softmax(-1).gather(-1, nxt[:, None])[:, 0].tolist() if logprobs
+              else [0.0] * len(live))
+        keep = []
+        for j, (r, t) in enumerate(zip(live, nxt.tolist(), strict=True)):
+            if t in eos:
+                rows[r] = (rows[r][0], rows[r][1], True)
+                continue
+            rows[r][0].append(t)
+            rows[r][1].append(lp[j])
+            keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        past = out.past_key_values
+        if len(keep) < len(live):
+            sel = torch.tensor(keep, device=dev)
+            past.reorder_cache(sel)
+            steering.keep_rows(sel)
+            mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
+            live = [live[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
+        pos = pos[:, -1:] + 1
+        out = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                       past_key_values=past, use_cache=True)
+    return [(r[0], r[1] if logprobs else [], r[2]) for r in rows]
 
 
 def _collect(results: list[list[Generation]], out: Any, prompt_len: int, idx: list[int], k: int,

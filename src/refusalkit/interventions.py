@@ -199,15 +199,35 @@ def ablation(direction: torch.Tensor | Mapping[int, torch.Tensor], layers: list[
     return Op("ablate", vectors, {}, phase)
 
 
+class Steering:
+    """What `steer()` yields. A decoder that drops finished rows from its batch (and from the
+    KV cache) tells it which rows are left, so each gate keeps the decision it took on those
+    rows' prompts; otherwise a gate seeing fewer rows than it decided for would decide again,
+    on a generated token."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self._gates: list[dict[str, torch.Tensor]] = []
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices into the current batch) of every gate's decision."""
+        for state in self._gates:
+            if "mask" in state:
+                state["mask"] = state["mask"][rows.to(state["mask"].device)]
+
+
 @contextmanager
-def steer(lm: LoadedModel, profile: Profile | None) -> Iterator[LoadedModel]:
+def steer(lm: LoadedModel, profile: Profile | None) -> Iterator[Steering]:
     """Attach a profile's hooks for the duration of the block (None attaches nothing)."""
     handles: list[Any] = []
+    steering = Steering(lm)
     try:
         if profile is not None:
             lm.arch.check_layers(profile.layers)
             for op in profile.ops:
                 mask = _attach_gate(lm, op, handles)
+                if mask is not None:
+                    steering._gates.append(mask)
                 for layer, vec in op.vectors.items():
                     if vec.shape != (lm.hidden_size,):
                         raise UserError(f"profile vector for layer {layer} has shape "
@@ -215,7 +235,7 @@ def steer(lm: LoadedModel, profile: Profile | None) -> Iterator[LoadedModel]:
                                         f"{lm.hidden_size}")
                     handles.extend(_attach(lm, op, layer, vec.to(lm.device), profile.scale,
                                            mask))
-        yield lm
+        yield steering
     finally:
         for h in handles:
             h.remove()
