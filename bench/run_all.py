@@ -63,6 +63,9 @@ BENCHES: dict[str, Bench] = {
     "greedy": Bench("bench_greedy.py", "greedy decoding that drops ended rows vs "
                     "model.generate", default=False, quick=("--n", "32", "--repeats", "1"),
                     model_flag=True),
+    "nll": Bench("bench_nll.py", "answer perplexity: a shared prompt pass vs one pass per "
+                 "answer", default=False, quick=("--n", "12", "--repeats", "1"),
+                 model_flag=True),
     "steer": Bench("bench_steer.py", "issue 4's acceptance run of configs/steer_qwen.toml "
                    "(about 22 min)", default=False, quick=(), timeout_s=3000),
     "analyze": Bench("bench_analyze.py", "the full `analyze` run (about 45 min)", md=False,

@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
+from conftest import build_tiny
 
-from refusalkit.evaluate import answer_nlls, response_nll
+from refusalkit.evaluate import answer_nlls, full_pass_nlls, response_nll, shared_prompt_nlls
 from refusalkit.quality import assess, perplexities, rates
 
 
@@ -54,6 +55,38 @@ def test_per_answer_nlls_sum_to_the_total(tiny) -> None:
         ref = -logp[len(ids_p) - 1:].gather(-1, ids[0, len(ids_p):, None]).sum()
         assert count == ids.shape[1] - len(ids_p)
         assert nll == pytest.approx(float(ref), rel=1e-4), (p, a)
+
+
+SHARED = (["hello there", "how are you", "hello there", "x", "how are you", "hello there"],
+          ["fine thanks", "ok", "bake bread cake", "ok ok", "", "sorry cannot help sure"])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_answers_sharing_a_prompt_pass_score_as_one_pass_each(family: str) -> None:
+    """Several answers per prompt, some of one token, one empty, groups split by the row
+    budget: the shared prompt pass gives each answer's NLL of a full pass."""
+    lm = build_tiny(family)
+    prompts, answers = SHARED
+    for rows in (2, 3, 16):
+        shared = shared_prompt_nlls(lm, prompts, answers, batch_size=rows)
+        full = full_pass_nlls(lm, prompts, answers, batch_size=rows)
+        assert [c for _, c in shared] == [c for _, c in full] and shared[4] == (0.0, 0)
+        for (a, _), (b, _) in zip(shared, full, strict=True):
+            assert a == pytest.approx(b, rel=1e-4)
+
+
+@pytest.mark.real
+def test_qwen_shared_prompt_pass_matches_full_passes(qwen) -> None:
+    from refusalkit.prompts import load_prompts
+
+    ps = load_prompts("harmless_test").take(4, seed=5).prompts
+    prompts = [p for p in ps for _ in range(3)]
+    answers = ["I'm sorry, but I can't assist with that.", "Sure. Here is a short answer.",
+               "Paris is the capital of France."] * len(ps)
+    shared = shared_prompt_nlls(qwen, prompts, answers, batch_size=5)
+    full = full_pass_nlls(qwen, prompts, answers, batch_size=5)
+    for (a, n), (b, m) in zip(shared, full, strict=True):
+        assert n == m and a == pytest.approx(b, rel=1e-3)
 
 
 @pytest.mark.real

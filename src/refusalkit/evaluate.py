@@ -131,7 +131,17 @@ def answer_nlls(
     batch_size: int = 8,
 ) -> list[tuple[float, int]]:
     """Per answer: negative log-likelihood given its prompt, and its token count ((0, 0)
-    for an empty answer)."""
+    for an empty answer). Unsteered, a prompt's answers share one pass over the prompt."""
+    if profile is None:
+        return shared_prompt_nlls(lm, prompts, responses, batch_size=batch_size)
+    return full_pass_nlls(lm, prompts, responses, profile=profile, batch_size=batch_size)
+
+
+def full_pass_nlls(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[str], *,
+                   profile: Profile | None = None, batch_size: int = 8
+                   ) -> list[tuple[float, int]]:
+    """answer_nlls with one forward over prompt + answer per answer: a steering profile then
+    acts on the prompt and the answer alike, in one prompt-phase pass."""
     tok = lm.tokenizer
     seqs: dict[int, list[int]] = {}
     starts: dict[int, int] = {}
@@ -162,6 +172,98 @@ def answer_nlls(
     return out
 
 
+def shared_prompt_nlls(lm: LoadedModel, prompts: Sequence[str], responses: Sequence[str], *,
+                       batch_size: int = 8) -> list[tuple[float, int]]:
+    """answer_nlls of the unsteered model, each prompt run once with its KV cache copied to
+    every answer it has. A steer run's evaluate stage scores 3.3 answers per held-out
+    prompt (unsteered, chosen, two baselines), and the formatted prompt (system prompt and
+    chat template included) is most of each prompt + answer (bench/bench_nll.py)."""
+    tok = lm.tokenizer
+    by_prompt: dict[str, list[tuple[int, list[int]]]] = {}
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids_r = tok(r, add_special_tokens=False)["input_ids"]
+        if ids_r:
+            by_prompt.setdefault(p, []).append((i, ids_r))
+    out = [(0.0, 0)] * len(prompts)
+    order = list(by_prompt)
+    encoded = [tok(lm.format(p), add_special_tokens=False)["input_ids"] for p in order]
+    with torch.inference_mode():
+        for group in _answer_groups([len(e) for e in encoded],
+                                    [len(by_prompt[p]) for p in order], batch_size):
+            rows = [(g, i, a) for g, k in enumerate(group) for i, a in by_prompt[order[k]]]
+            for (i, _), nll in zip([(i, a) for _, i, a in rows],
+                                   _score_group(lm, [encoded[k] for k in group], rows),
+                                   strict=True):
+                out[i] = nll
+    return out
+
+
+def _answer_groups(prompt_lengths: Sequence[int], n_answers: Sequence[int], rows: int
+                   ) -> list[list[int]]:
+    """Prompts grouped by length (longest first), each group holding at most `rows` answers
+    (one prompt with more answers than that is a group of its own)."""
+    groups: list[list[int]] = []
+    count = 0
+    for k in sorted(range(len(prompt_lengths)), key=lambda k: -prompt_lengths[k]):
+        if not groups or count + n_answers[k] > rows:
+            groups.append([])
+            count = 0
+        groups[-1].append(k)
+        count += n_answers[k]
+    return groups
+
+
+def _score_group(lm: LoadedModel, prompts: list[list[int]],
+                 rows: list[tuple[int, int, list[int]]]) -> list[tuple[float, int]]:
+    """Prefill the prompts (left-padded), copy each one's cache to its answers, then one
+    pass over the right-padded answers; (NLL, tokens) per row (prompt index, _, answer ids)."""
+    dev, pad = lm.device, lm.tokenizer.pad_token_id or 0
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                   logits_to_keep=1)
+    first = out.logits[:, -1].float().log_softmax(-1)  # predicts each answer's first token
+    sel = torch.tensor([g for g, _, _ in rows], device=dev)
+    past = out.past_key_values
+    past.reorder_cache(sel)  # index_select: a prompt's cache, once per answer
+    longest = max(len(a) for _, _, a in rows)
+    a_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+    a_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for r, (_, _, a) in enumerate(rows):
+        a_ids[r, :len(a)] = torch.tensor(a, dtype=torch.long)
+        a_mask[r, :len(a)] = 1
+    a_ids, a_mask = a_ids.to(dev), a_mask.to(dev)
+    nll = -first[sel].gather(-1, a_ids[:, :1])[:, 0]
+    if longest > 1:  # every answer token but the last predicts the next one
+        n = longest - 1
+        a_pos = pos[sel][:, -1:] + 1 + torch.arange(n, device=dev)[None]
+        logits = lm.model(input_ids=a_ids[:, :n], position_ids=a_pos, past_key_values=past,
+                          attention_mask=torch.cat([mask[sel], a_mask[:, :n]], -1),
+                          use_cache=True).logits.float()
+        logp = logits.log_softmax(-1).gather(-1, a_ids[:, 1:, None])[..., 0]
+        nll = nll - (logp * a_mask[:, 1:]).sum(-1)
+    return [(float(nll[r]), len(a)) for r, (_, _, a) in enumerate(rows)]
+
+
+def fill_perplexities(lm: LoadedModel, judged: Sequence[Judged],
+                      cache: dict[tuple[str, str], float | None], *, batch_size: int = 8
+                      ) -> None:
+    """Add the unsteered perplexity of every (prompt, answer) not yet in `cache`. Called once
+    with every profile's answers, a prompt's answers share one pass over the prompt."""
+    todo = list(dict.fromkeys((j.prompt, j.response) for j in judged
+                              if (j.prompt, j.response) not in cache))
+    if todo:
+        nlls = answer_nlls(lm, [p for p, _ in todo], [r for _, r in todo],
+                           batch_size=batch_size)
+        cache.update(zip(todo, perplexities(nlls), strict=True))
+
+
 def assess_answers(lm: LoadedModel, judged: Sequence[Judged], *, batch_size: int = 8,
                    cache: dict[tuple[str, str], float | None] | None = None
                    ) -> list[AnswerQuality]:
@@ -169,12 +271,7 @@ def assess_answers(lm: LoadedModel, judged: Sequence[Judged], *, batch_size: int
     unsteered. `cache` maps (prompt, answer) to perplexity across calls: a gated profile's
     closed rows repeat the unsteered answers, which are scored once."""
     cache = {} if cache is None else cache
-    todo = list(dict.fromkeys((j.prompt, j.response) for j in judged
-                              if (j.prompt, j.response) not in cache))
-    if todo:
-        nlls = answer_nlls(lm, [p for p, _ in todo], [r for _, r in todo],
-                           batch_size=batch_size)
-        cache.update(zip(todo, perplexities(nlls), strict=True))
+    fill_perplexities(lm, judged, cache, batch_size=batch_size)
     return [assess(j.prompt, j.response, j.confidence, j.on_topic, cache[j.prompt, j.response])
             for j in judged]
 

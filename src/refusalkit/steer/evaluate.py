@@ -15,6 +15,7 @@ import torch
 from refusalkit.evaluate import (
     Judged,
     assess_answers,
+    fill_perplexities,
     perplexity_ratio,
     refusal_rate,
 )
@@ -52,6 +53,8 @@ def evaluate_all(ex: Examiner, splits: Splits, profile: Profile,
     kw = {name: {s: _keyword_rate(js) for s, js in by_set.items()}
           for name, by_set in judged.items()}
     ppl_cache: dict[tuple[str, str], float | None] = {}  # unsteered model, shared by profiles
+    fill_perplexities(ex.lm, [j for by_set in judged.values() for js in by_set.values()
+                              for j in js], ppl_cache, batch_size=ex.batch_size)
     quality = {name: {s: assess_answers(ex.lm, js, batch_size=ex.batch_size, cache=ppl_cache)
                       for s, js in by_set.items()} for name, by_set in judged.items()}
     qrates = {name: {s: quality_rates(qs) for s, qs in by_set.items()}
