@@ -49,7 +49,7 @@ def hf_greedy(lm, prompts: list[str], n: int) -> list[tuple[list[int], list[floa
     return rows
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3"])
 def test_greedy_matches_model_generate_when_rows_end_early(family: str) -> None:
     lm = with_early_ends(family)
     ours = generate(lm, PROMPTS, max_new_tokens=12, batch_size=len(PROMPTS),

@@ -57,11 +57,15 @@ def test_per_answer_nlls_sum_to_the_total(tiny) -> None:
         assert nll == pytest.approx(float(ref), rel=1e-4), (p, a)
 
 
-SHARED = (["hello there", "how are you", "hello there", "x", "how are you", "hello there"],
-          ["fine thanks", "ok", "bake bread cake", "ok ok", "", "sorry cannot help sure"])
+LONG = "tell me about the weather please and write a poem story about bread cake and a car"
+SHARED = (["hello there", "how are you", "hello there", "x", "how are you", "hello there",
+           LONG, LONG],
+          ["fine thanks", "ok", "bake bread cake", "ok ok", "", "sorry cannot help sure",
+           "sure here is what you are a helpful assistant why who when sorry",
+           "bake bread cake bake bread cake"])  # LONG + answer passes gemma3's 16-token window
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3"])
 def test_answers_sharing_a_prompt_pass_score_as_one_pass_each(family: str) -> None:
     """Several answers per prompt, some of one token, one empty, groups split by the row
     budget: the shared prompt pass gives each answer's NLL of a full pass."""

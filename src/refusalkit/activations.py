@@ -74,6 +74,21 @@ def _validate_positions(lm: LoadedModel, positions: Sequence[Position]) -> None:
             )
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad: int, device: torch.device | str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-id prompts as one left-padded batch (every prompt ends at the last column, so
+    the next token goes to position -1 in every row): ids, attention mask and position ids
+    that count from each prompt's first real token."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Indices grouped into batches of similar length, longest first (peak memory early)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from refusalkit.activations import left_padded
 from refusalkit.generation import eos_ids
 from refusalkit.interventions import Profile, Steering, steer
 from refusalkit.models import LoadedModel
@@ -288,16 +289,8 @@ class Engine:
         """Left-padded prefill, then one token per step for the rows still running (a gate
         keeps the decisions it took on the remaining rows' prompts)."""
         lm, dev = self.lm, self.lm.device
-        prompts = [r.job.prompt_ids for r in rows]
-        width = max(len(p) for p in prompts)
-        pad = lm.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        ids, mask, pos = left_padded([r.job.prompt_ids for r in rows],
+                                     lm.tokenizer.pad_token_id or 0, dev)
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                        logits_to_keep=1)
         live = list(rows)

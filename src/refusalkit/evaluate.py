@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from refusalkit.activations import length_sorted_batches
+from refusalkit.activations import left_padded, length_sorted_batches
 from refusalkit.errors import UserError
 from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import Profile, lift_gate, steer
@@ -218,14 +218,7 @@ def _score_group(lm: LoadedModel, prompts: list[list[int]],
     """Prefill the prompts (left-padded), copy each one's cache to its answers, then one
     pass over the right-padded answers; (NLL, tokens) per row (prompt index, _, answer ids)."""
     dev, pad = lm.device, lm.tokenizer.pad_token_id or 0
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, pos = left_padded(prompts, pad, dev)
     out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                    logits_to_keep=1)
     first = out.logits[:, -1].float().log_softmax(-1)  # predicts each answer's first token

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from refusalkit.activations import length_sorted_batches
+from refusalkit.activations import left_padded, length_sorted_batches
 from refusalkit.errors import UserError
 from refusalkit.interventions import Profile, Steering, steer
 from refusalkit.models import LoadedModel, strip_thinking
@@ -157,14 +157,7 @@ def greedy_rows(steering: Steering, prompts: Sequence[Sequence[int]], max_new_to
     prompts (Steering.keep_rows)."""
     lm = steering.lm
     dev = lm.device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), lm.tokenizer.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, pos = left_padded(prompts, lm.tokenizer.pad_token_id or 0, dev)
     out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                    logits_to_keep=1)
     rows: list[tuple[list[int], list[float], bool]] = [([], [], False) for _ in prompts]
