@@ -191,9 +191,8 @@ def shared_prompt_nlls(lm: LoadedModel, prompts: Sequence[str], responses: Seque
         for group in _answer_groups([len(e) for e in encoded],
                                     [len(by_prompt[p]) for p in order], batch_size):
             rows = [(g, i, a) for g, k in enumerate(group) for i, a in by_prompt[order[k]]]
-            for (i, _), nll in zip([(i, a) for _, i, a in rows],
-                                   _score_group(lm, [encoded[k] for k in group], rows),
-                                   strict=True):
+            scored = _score_group(lm, [encoded[k] for k in group], rows)
+            for (_, i, _), nll in zip(rows, scored, strict=True):
                 out[i] = nll
     return out
 

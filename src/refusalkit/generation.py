@@ -160,7 +160,9 @@ def greedy_rows(steering: Steering, prompts: Sequence[Sequence[int]], max_new_to
     ids, mask, pos = left_padded(prompts, lm.tokenizer.pad_token_id or 0, dev)
     out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                    logits_to_keep=1)
-    rows: list[tuple[list[int], list[float], bool]] = [([], [], False) for _ in prompts]
+    answer: list[list[int]] = [[] for _ in prompts]
+    logp: list[list[float]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)
     live = list(range(len(prompts)))
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()
@@ -170,14 +172,15 @@ def greedy_rows(steering: Steering, prompts: Sequence[Sequence[int]], max_new_to
             pick[:, sorted(eos)] = -math.inf
         nxt = pick.argmax(-1)
         lp = (logits.log_softmax(-1).gather(-1, nxt[:, None])[:, 0].tolist() if logprobs
-              else [0.0] * len(live))
+              else None)
         keep = []
         for j, (r, t) in enumerate(zip(live, nxt.tolist(), strict=True)):
             if t in eos:
-                rows[r] = (rows[r][0], rows[r][1], True)
+                ended[r] = True
                 continue
-            rows[r][0].append(t)
-            rows[r][1].append(lp[j])
+            answer[r].append(t)
+            if lp is not None:
+                logp[r].append(lp[j])
             keep.append(j)
         if not keep or step == max_new_tokens - 1:
             break
@@ -192,7 +195,7 @@ def greedy_rows(steering: Steering, prompts: Sequence[Sequence[int]], max_new_to
         pos = pos[:, -1:] + 1
         out = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                        past_key_values=past, use_cache=True)
-    return [(r[0], r[1] if logprobs else [], r[2]) for r in rows]
+    return list(zip(answer, logp, ended, strict=True))
 
 
 def _collect(results: list[list[Generation]], out: Any, prompt_len: int, idx: list[int], k: int,
