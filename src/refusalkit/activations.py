@@ -4,7 +4,9 @@
 `n_layers` means the output of the last layer (before the final norm). Prompts are batched
 with left padding in length-sorted order, so position -1 is the last prompt token (the one
 that emits the first answer token) in every row and padding is minimal. The forward pass is
-cut off right after the deepest requested layer: nobody pays for layers nobody reads.
+cut off right after the deepest requested layer: nobody pays for layers nobody reads. The
+template's head that every prompt starts with (a system prompt) runs once per call, before
+the batches (refusalkit.prefix).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from refusalkit.errors import UserError
 from refusalkit.models import LoadedModel
+from refusalkit.prefix import after_prefix, prefix_length, run_prefix
 from refusalkit.progress import bar
 from refusalkit.runs import umask_mode
 
@@ -47,6 +50,14 @@ def template_lengths(lm: LoadedModel) -> tuple[int, int]:
     n_before, n_after = (len(lm.tokenizer(part, add_special_tokens=False)["input_ids"])
                          for part in (before, after))
     return n_before, n_after
+
+
+def shared_head(lm: LoadedModel, encoded: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens of these formatted prompts run once for all of them
+    (refusalkit.prefix): at most the template's head, leaving each prompt its user text and
+    the template's tail."""
+    before, after = template_lengths(lm)
+    return prefix_length(lm, encoded, before, max(1, after) + 1)
 
 
 def user_mask(mask: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -79,14 +90,8 @@ def left_padded(prompts: Sequence[Sequence[int]], pad: int, device: torch.device
     """Token-id prompts as one left-padded batch (every prompt ends at the last column, so
     the next token goes to position -1 in every row): ids, attention mask and position ids
     that count from each prompt's first real token."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, pos, _ = after_prefix(prompts, None, pad, device)
+    return ids, mask, pos
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -119,10 +124,13 @@ def capture(
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
     formatted: bool = False,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """Activations as a float32 tensor [n_prompts, len(layers), len(positions), hidden].
 
-    Prompts are wrapped in the chat template unless `formatted` is True. With `cache_dir`,
+    Prompts are wrapped in the chat template unless `formatted` is True. The tokens every
+    prompt starts with run once (refusalkit.prefix); a caller capturing under a gated
+    profile's hooks passes `share_prefix=False`. With `cache_dir`,
     the result is stored under a key of model fingerprint, formatted texts, layers and
     positions, so a second identical extraction is a file read.
     """
@@ -146,16 +154,35 @@ def capture(
     current: dict[int, torch.Tensor] = {}
     pad_mask: dict[str, torch.Tensor] = {}
     template = template_lengths(lm)
-    select = _selector(positions, max(1, template[1]), pad_mask, template)
+    n_post = max(1, template[1])
+    # The template's head, shared by every prompt, runs once (refusalkit.prefix); its
+    # states' sums per layer complete a whole-prompt mean.
+    shared = shared_head(lm, encoded) if share_prefix else 0
+    head_sums: dict[int, torch.Tensor] = {}
+    prefix = None
+    if shared:
+        with _stop_after(lm, layers, lambda h, _layer: h.double().sum(1), head_sums), \
+                torch.inference_mode():
+            prefix = run_prefix(lm, encoded[0][:shared], _StopForward)
+    select = _selector(positions, n_post, pad_mask, template, head_sums, shared)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with _stop_after(lm, layers, select, current), \
             bar("activations", len(texts), show_progress) as progress, torch.inference_mode():
         for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
-            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
             current.clear()
-            pad_mask["mask"] = batch["attention_mask"].to(lm.device)
             try:
-                lm.model(input_ids=batch["input_ids"].to(lm.device),
-                         attention_mask=batch["attention_mask"].to(lm.device), use_cache=False)
+                if prefix is None:
+                    batch = tok.pad({"input_ids": [encoded[i] for i in idx]},
+                                    return_tensors="pt")
+                    pad_mask["mask"] = batch["attention_mask"].to(lm.device)
+                    lm.model(input_ids=batch["input_ids"].to(lm.device),
+                             attention_mask=pad_mask["mask"], use_cache=False)
+                else:
+                    ids, mask, pos, past = after_prefix([encoded[i] for i in idx], prefix,
+                                                        pad, lm.device)
+                    pad_mask["mask"] = mask[:, shared:]
+                    lm.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                             past_key_values=past, use_cache=True)
             except _StopForward:
                 pass
             for layer, acts in current.items():
@@ -167,18 +194,26 @@ def capture(
 
 
 def _selector(positions: Sequence[Position], n_post: int,
-              pad_mask: dict[str, torch.Tensor], template: tuple[int, int]
-              ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """[batch, seq, d] states -> [batch, len(positions), d] float32 at the positions."""
-    def select(h: torch.Tensor) -> torch.Tensor:
+              pad_mask: dict[str, torch.Tensor], template: tuple[int, int],
+              head_sums: dict[int, torch.Tensor], shared: int
+              ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """[batch, seq, d] states of one layer -> [batch, len(positions), d] float32 at the
+    positions. With a shared head of `shared` tokens run apart (its per-layer state sums in
+    `head_sums`), the states and mask cover the rest of each prompt only."""
+    def select(h: torch.Tensor, layer: int) -> torch.Tensor:
         cols = []
         for p in positions:
             if p == MEAN_POST:
                 cols.append(h[:, -n_post:].float().mean(dim=1))
+            elif p == MEAN_ALL and shared:
+                m = pad_mask["mask"][:, -h.shape[1]:].to(torch.float64)[..., None]
+                total = head_sums[layer].to(h.device) + (h.double() * m).sum(dim=1)
+                cols.append((total / (shared + m.sum(dim=1))).float())
             elif p == MEAN_ALL:
                 cols.append(masked_mean(h, pad_mask["mask"]))
             elif p == MEAN_USER:
-                cols.append(masked_mean(h, user_mask(pad_mask["mask"], *template)))
+                cols.append(masked_mean(h, user_mask(pad_mask["mask"], template[0] - shared,
+                                                     template[1])))
             else:
                 cols.append(h[:, p].float())
         return torch.stack(cols, dim=1)
@@ -188,7 +223,7 @@ def _selector(positions: Sequence[Position], n_post: int,
 
 @contextmanager
 def _stop_after(lm: LoadedModel, layers: Sequence[int],
-                select: Callable[[torch.Tensor], torch.Tensor],
+                select: Callable[[torch.Tensor, int], torch.Tensor],
                 current: dict[int, torch.Tensor]) -> Iterator[None]:
     """Hooks that store each layer's selected input in `current` and stop the forward pass
     after the deepest one (layer n_layers: the final output); always removed."""
@@ -196,7 +231,7 @@ def _stop_after(lm: LoadedModel, layers: Sequence[int],
 
     def make_pre_hook(layer: int):
         def hook(_module, args, kwargs):
-            current[layer] = select(_hidden_from(args, kwargs))
+            current[layer] = select(_hidden_from(args, kwargs), layer)
             if layer == deepest:
                 raise _StopForward
 
@@ -204,7 +239,7 @@ def _stop_after(lm: LoadedModel, layers: Sequence[int],
 
     def final_hook(_module, _args, output):
         h = output[0] if isinstance(output, tuple) else output
-        current[n_layers] = select(h)
+        current[n_layers] = select(h, n_layers)
         raise _StopForward
 
     handles = []

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from refusalkit.activations import left_padded, length_sorted_batches
+from refusalkit.activations import length_sorted_batches, shared_head
 from refusalkit.errors import UserError
 from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import Profile, lift_gate, steer
@@ -21,6 +21,7 @@ from refusalkit.judge import Judge, JudgementCache
 from refusalkit.judge.cache import CachedJudge
 from refusalkit.judge.protocol import THRESHOLD, PromptScore, SampleScore, aggregate, classify
 from refusalkit.models import LoadedModel
+from refusalkit.prefix import Prefix, after_prefix, run_prefix
 from refusalkit.quality import AnswerQuality, assess, perplexities
 
 
@@ -188,10 +189,12 @@ def shared_prompt_nlls(lm: LoadedModel, prompts: Sequence[str], responses: Seque
     order = list(by_prompt)
     encoded = [tok(lm.format(p), add_special_tokens=False)["input_ids"] for p in order]
     with torch.inference_mode():
+        shared = shared_head(lm, encoded)  # the template's head, once (refusalkit.prefix)
+        prefix = run_prefix(lm, encoded[0][:shared]) if shared else None
         for group in _answer_groups([len(e) for e in encoded],
                                     [len(by_prompt[p]) for p in order], batch_size):
             rows = [(g, i, a) for g, k in enumerate(group) for i, a in by_prompt[order[k]]]
-            scored = _score_group(lm, [encoded[k] for k in group], rows)
+            scored = _score_group(lm, [encoded[k] for k in group], rows, prefix)
             for (_, i, _), nll in zip(rows, scored, strict=True):
                 out[i] = nll
     return out
@@ -213,13 +216,15 @@ def _answer_groups(prompt_lengths: Sequence[int], n_answers: Sequence[int], rows
 
 
 def _score_group(lm: LoadedModel, prompts: list[list[int]],
-                 rows: list[tuple[int, int, list[int]]]) -> list[tuple[float, int]]:
-    """Prefill the prompts (left-padded), copy each one's cache to its answers, then one
-    pass over the right-padded answers; (NLL, tokens) per row (prompt index, _, answer ids)."""
+                 rows: list[tuple[int, int, list[int]]], prefix: Prefix | None = None
+                 ) -> list[tuple[float, int]]:
+    """Prefill the prompts (left-padded, after their shared head if given), copy each one's
+    cache to its answers, then one pass over the right-padded answers; (NLL, tokens) per row
+    (prompt index, _, answer ids)."""
     dev, pad = lm.device, lm.tokenizer.pad_token_id or 0
-    ids, mask, pos = left_padded(prompts, pad, dev)
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                   logits_to_keep=1)
+    ids, mask, pos, past = after_prefix(prompts, prefix, pad, dev)
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                   use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1].float().log_softmax(-1)  # predicts each answer's first token
     sel = torch.tensor([g for g, _, _ in rows], device=dev)
     past = out.past_key_values

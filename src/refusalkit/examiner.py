@@ -16,7 +16,7 @@ import torch
 from refusalkit.evaluate import Judged, judge_prompts, score_prompts
 from refusalkit.gates import gate_of, gate_open
 from refusalkit.generation import generate
-from refusalkit.interventions import Gate, Profile
+from refusalkit.interventions import Gate, Profile, lift_gate
 from refusalkit.judge import CachedJudge, Judge, Judgement, JudgementCache
 from refusalkit.judge.protocol import PromptScore
 from refusalkit.models import LoadedModel
@@ -100,7 +100,8 @@ class Examiner:
         opened = self.opened(gate, prompts)
         out = self.answers(prompts)  # a closed gate adds nothing: those rows stay unsteered
         rows = opened.nonzero()[:, 0].tolist()
-        for i, j in zip(rows, self.answers([prompts[i] for i in rows], profile), strict=True):
+        for i, j in zip(rows, self.answers([prompts[i] for i in rows], lift_gate(profile)),
+                        strict=True):
             out[i] = j
         return out, opened
 

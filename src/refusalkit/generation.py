@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from refusalkit.activations import left_padded, length_sorted_batches
+from refusalkit.activations import length_sorted_batches, shared_head
 from refusalkit.errors import UserError
 from refusalkit.interventions import Profile, Steering, steer
 from refusalkit.models import LoadedModel, strip_thinking
+from refusalkit.prefix import Prefix, after_prefix, run_prefix
 from refusalkit.progress import bar
 
 
@@ -91,11 +92,15 @@ def generate(
     plain, min_new = plain_greedy(lm.model.generation_config)
     with bar("generate", len(prompts), show_progress) as progress, \
             steer(lm, profile) as steering:
+        prefix = None  # the template's head, run once for every batch (refusalkit.prefix)
+        if greedy and plain and not steering.gated and (shared := shared_head(lm, encoded)):
+            with torch.inference_mode():
+                prefix = run_prefix(lm, encoded[0][:shared])
         for idx in length_sorted_batches([len(e) for e in encoded], per_batch):
             if greedy and plain:
                 for i, (ids, lps, done) in zip(idx, greedy_rows(
                         steering, [encoded[i] for i in idx], max_new_tokens, eos, logprobs,
-                        min_new), strict=True):
+                        min_new, prefix), strict=True):
                     results[i].append(Generation(
                         prompt=prompts[i], text=tok.decode(ids, skip_special_tokens=True),
                         token_ids=tuple(ids), logprobs=tuple(lps), finished=done))
@@ -145,8 +150,8 @@ def plain_greedy(config: Any) -> tuple[bool, int]:
 
 @torch.inference_mode()
 def greedy_rows(steering: Steering, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                eos: set[int], logprobs: bool = True, min_new_tokens: int = 0
-                ) -> list[tuple[list[int], list[float], bool]]:
+                eos: set[int], logprobs: bool = True, min_new_tokens: int = 0,
+                prefix: Prefix | None = None) -> list[tuple[list[int], list[float], bool]]:
     """Greedy decoding of one batch of token-id prompts: (answer ids without the end token,
     their log-probs, whether an end token came) per row.
 
@@ -154,12 +159,13 @@ def greedy_rows(steering: Steering, prompts: Sequence[Sequence[int]], max_new_to
     it in every step until the longest answer is done; in a batch that mixes short refusals
     with 40-token answers many of those row-steps decode padding (bench/bench_greedy.py
     measures the difference). A gate keeps the decisions it took on the remaining rows'
-    prompts (Steering.keep_rows)."""
+    prompts (Steering.keep_rows). With `prefix`, the head every prompt starts with is not
+    run again (refusalkit.prefix)."""
     lm = steering.lm
     dev = lm.device
-    ids, mask, pos = left_padded(prompts, lm.tokenizer.pad_token_id or 0, dev)
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                   logits_to_keep=1)
+    ids, mask, pos, past = after_prefix(prompts, prefix, lm.tokenizer.pad_token_id or 0, dev)
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                   use_cache=True, logits_to_keep=1)
     answer: list[list[int]] = [[] for _ in prompts]
     logp: list[list[float]] = [[] for _ in prompts]
     ended = [False] * len(prompts)

@@ -209,6 +209,11 @@ class Steering:
         self.lm = lm
         self._gates: list[dict[str, torch.Tensor]] = []
 
+    @property
+    def gated(self) -> bool:
+        """Whether a gate decides per row (then the rows' prompt heads differ too)."""
+        return bool(self._gates)
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these rows (indices into the current batch) of every gate's decision."""
         for state in self._gates:

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from refusalkit.activations import length_sorted_batches
+from refusalkit.activations import length_sorted_batches, shared_head
 from refusalkit.interventions import Profile, steer
 from refusalkit.models import LoadedModel
+from refusalkit.prefix import after_prefix, run_prefix
 from refusalkit.progress import bar
 
 # First tokens of typical refusal openings (Arditi et al. use "I" / "As" for Qwen).
@@ -43,16 +44,27 @@ def last_logprobs(
     tok = lm.tokenizer
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     out: torch.Tensor | None = None
-    with bar("next-token", len(texts), show_progress) as progress, steer(lm, profile):
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    with bar("next-token", len(texts), show_progress) as progress, \
+            steer(lm, profile) as steering, torch.inference_mode():
+        # the template's head runs once under the hooks (not with a gate: refusalkit.prefix)
+        shared = 0 if steering.gated else shared_head(lm, encoded)
+        prefix = run_prefix(lm, encoded[0][:shared]) if shared else None
         for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
-            batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-            with torch.inference_mode():
+            if prefix is None:
+                batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
                 logits = lm.model(
                     input_ids=batch["input_ids"].to(lm.device),
                     attention_mask=batch["attention_mask"].to(lm.device),
                     use_cache=False,
                     logits_to_keep=1,
                 ).logits[:, -1]
+            else:
+                ids, mask, pos, past = after_prefix([encoded[i] for i in idx], prefix, pad,
+                                                    lm.device)
+                logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                  past_key_values=past, use_cache=True,
+                                  logits_to_keep=1).logits[:, -1]
             logp = logits.float().log_softmax(-1).cpu()
             if out is None:
                 out = torch.empty(len(texts), logp.shape[-1])
