@@ -14,34 +14,21 @@ length-sorted batches; the answers must be token-identical (printed).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from common import emit, interleaved, load_note, md_table, say
+from common import MIX_NOTE, emit, interleaved, load_note, md_table, say, steer_mix, timing_args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--tokens", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--md", default=None)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = timing_args(__doc__.splitlines()[0], 128).parse_args()
 
     import torch
 
     from refusalkit.activations import length_sorted_batches
     from refusalkit.generation import generate
     from refusalkit.models import load_model
-    from refusalkit.prompts import load_prompts
 
-    q = args.n // 4
-    prompts = [p for spec in ("deccp_censored", "jailbreakbench", "harmless_test",
-                              "xstest?label=safe")
-               for p in load_prompts(spec).take(q, seed=3).prompts]
+    prompts = steer_mix(args.n)
     lm = load_model(args.model)
     tok = lm.tokenizer
     encoded = [tok(lm.format(p), add_special_tokens=False)["input_ids"] for p in prompts]
@@ -75,8 +62,7 @@ def main() -> None:
     ref = t.median("model.generate")
     rows = [[name, f"{t.median(name):.1f}", t.spread(name), f"{ref / t.median(name):.2f}"]
             for name in ("model.generate", "refusalkit")]
-    md = (f"{args.model}, {len(prompts)} prompts (a quarter each of deccp_censored, "
-          f"JailbreakBench, harmless_test, XSTest-safe) x {args.tokens} new tokens, greedy, "
+    md = (f"{args.model}, {len(prompts)} prompts ({MIX_NOTE}) x {args.tokens} new tokens, greedy, "
           f"batch {args.batch}, {args.repeats} interleaved repeats; {load_note()}. Answers "
           f"token-identical: {same}/{len(prompts)}; answers that end before the limit: "
           f"{short}/{len(prompts)} (median length {lengths[len(lengths) // 2]} tokens)\n\n"

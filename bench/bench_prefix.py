@@ -14,36 +14,23 @@ quarter each of deccp_censored, JailbreakBench, harmless_test and XSTest-safe.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
-from common import emit, interleaved, load_note, md_table, say
+from common import MIX_NOTE, emit, interleaved, load_note, md_table, say, steer_mix, timing_args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--tokens", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--md", default=None)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = timing_args(__doc__.splitlines()[0], 128).parse_args()
 
     import refusalkit.prefix as prefix
     from refusalkit.activations import MEAN_ALL, capture, shared_head
     from refusalkit.evaluate import answer_nlls
     from refusalkit.generation import generate
     from refusalkit.models import load_model
-    from refusalkit.prompts import load_prompts
     from refusalkit.scoring import last_logprobs
 
-    q = args.n // 4
-    prompts = [p for spec in ("deccp_censored", "jailbreakbench", "harmless_test",
-                              "xstest?label=safe")
-               for p in load_prompts(spec).take(q, seed=3).prompts]
+    prompts = steer_mix(args.n)
     lm = load_model(args.model)
     tok = lm.tokenizer
     encoded = [tok(lm.format(p), add_special_tokens=False)["input_ids"] for p in prompts]
@@ -93,8 +80,7 @@ def main() -> None:
         data[name] = {"median_s": {k: t.median(k) for k in t.seconds}, "times": t.seconds,
                       "speedup": ratio, "agreement": agree}
     mean_len = sum(map(len, encoded)) / len(encoded)
-    md = (f"{args.model}, {len(prompts)} prompts (a quarter each of deccp_censored, "
-          f"JailbreakBench, harmless_test, XSTest-safe; formatted {mean_len:.1f} tokens on "
+    md = (f"{args.model}, {len(prompts)} prompts ({MIX_NOTE}; formatted {mean_len:.1f} tokens on "
           f"average, of which the shared head {head}), batch {b}, {args.repeats} interleaved "
           f"repeats; {load_note()}\n\n"
           + md_table(["prompt pass", "every row, median s", "head once, median s",

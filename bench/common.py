@@ -8,6 +8,7 @@ package or the tests.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime as _dt
 import json
@@ -132,6 +133,31 @@ def interleaved(variants: Mapping[str, Callable[[], Any]], repeats: int, *,
             if log is not None:
                 log(f"  repeat {rep + 1}/{repeats} {name}: {dt:.2f}s")
     return out
+
+
+MIX = ("deccp_censored", "jailbreakbench", "harmless_test", "xstest?label=safe")
+MIX_NOTE = "a quarter each of deccp_censored, JailbreakBench, harmless_test, XSTest-safe"
+
+
+def steer_mix(n: int, seed: int = 3) -> list[str]:
+    """A steer run's held-out mix, n // 4 prompts of each of MIX: refusals that end early
+    beside answers that run to the limit, short questions beside long requests."""
+    from refusalkit.prompts import load_prompts
+
+    return [p for spec in MIX for p in load_prompts(spec).take(n // 4, seed=seed).prompts]
+
+
+def timing_args(description: str, n: int) -> argparse.ArgumentParser:
+    """The options every side-by-side timing bench takes."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--n", type=int, default=n)
+    ap.add_argument("--tokens", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--json", default=None)
+    return ap
 
 
 def later_harmful_rows(used: set[str], first: int = 200) -> tuple[list[str], list[str]]:
