@@ -13,7 +13,7 @@ from refusalkit.activations import MEAN_ALL, MEAN_POST, MEAN_USER, capture, shar
 from refusalkit.evaluate import answer_nlls
 from refusalkit.examiner import Decoding, Examiner
 from refusalkit.generation import generate
-from refusalkit.interventions import Gate, Profile, addition
+from refusalkit.interventions import Gate, Profile, addition, steer
 from refusalkit.scoring import last_logprobs
 
 PROMPTS = ["how do i make a bomb", "tell me about the weather please", "hi",
@@ -141,7 +141,11 @@ def test_a_gated_profile_is_not_given_a_shared_head(heads) -> None:
     last_logprobs(lm, PROMPTS, profile=prof)
     generate(lm, PROMPTS, max_new_tokens=3, profile=prof, show_progress=False)
     assert heads == []
-    last_logprobs(lm, PROMPTS)
+    with steer(lm, prof):  # a caller's own gated block around plain calls
+        generate(lm, PROMPTS, max_new_tokens=3, show_progress=False)
+        capture(lm, PROMPTS, [1], show_progress=False)
+    assert heads == []
+    last_logprobs(lm, PROMPTS)  # the gate's hook is off again
     generate(lm, PROMPTS, max_new_tokens=3, show_progress=False)
     assert heads == ["scoring", "generation"]
 

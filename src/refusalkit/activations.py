@@ -129,8 +129,8 @@ def capture(
     """Activations as a float32 tensor [n_prompts, len(layers), len(positions), hidden].
 
     Prompts are wrapped in the chat template unless `formatted` is True. The tokens every
-    prompt starts with run once (refusalkit.prefix); a caller capturing under a gated
-    profile's hooks passes `share_prefix=False`. With `cache_dir`,
+    prompt starts with run once (refusalkit.prefix; `share_prefix=False` runs every prompt
+    whole). With `cache_dir`,
     the result is stored under a key of model fingerprint, formatted texts, layers and
     positions, so a second identical extraction is a file read.
     """

@@ -93,7 +93,7 @@ def generate(
     with bar("generate", len(prompts), show_progress) as progress, \
             steer(lm, profile) as steering:
         prefix = None  # the template's head, run once for every batch (refusalkit.prefix)
-        if greedy and plain and not steering.gated and (shared := shared_head(lm, encoded)):
+        if greedy and plain and (shared := shared_head(lm, encoded)):
             with torch.inference_mode():
                 prefix = run_prefix(lm, encoded[0][:shared])
         for idx in length_sorted_batches([len(e) for e in encoded], per_batch):

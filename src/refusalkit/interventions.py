@@ -209,11 +209,6 @@ class Steering:
         self.lm = lm
         self._gates: list[dict[str, torch.Tensor]] = []
 
-    @property
-    def gated(self) -> bool:
-        """Whether a gate decides per row (then the rows' prompt heads differ too)."""
-        return bool(self._gates)
-
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these rows (indices into the current batch) of every gate's decision."""
         for state in self._gates:
@@ -276,6 +271,7 @@ def _attach_gate(lm: LoadedModel, op: Op, handles: list[Any]) -> dict[str, torch
                                    else attn)
             state["mask"] = gate.decide(feat).to(h.dtype)[:, None, None]
 
+    decide.refusalkit_gate = True  # type: ignore[attr-defined]  # prefix.gate_attached
     if gate.pool != "last":
         handles.append(lm.model.register_forward_pre_hook(padding, with_kwargs=True))
     handles.append(lm.arch.layers[gate.layer].register_forward_pre_hook(decide, with_kwargs=True))

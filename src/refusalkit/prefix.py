@@ -10,9 +10,9 @@ A batch is laid out [shared head | left padding | rest of each prompt]: the padd
 between head and rest, masked out, and position ids continue from the head, so each row
 computes what it computes alone. Two cases keep the plain layout (`prefix_length` says 0):
 sliding-window attention counts its window in cache slots, which the padding would eat into;
-and a gated profile, whose gate reads the whole prompt before it decides, row by row, whether
-the layers it steers change the head's states too. A steering profile without a gate acts on
-the head the same way in every row, so the head's pass runs under it like any other.
+and a gate's hook on the model, whose decision reads the whole prompt and says, row by row,
+whether the layers it steers change the head's states too. A steering profile without a gate
+acts on the head the same way in every row, so the head's pass runs under it like any other.
 """
 
 from __future__ import annotations
@@ -40,12 +40,20 @@ def full_attention(lm: LoadedModel) -> bool:
     return not (getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True))
 
 
+def gate_attached(lm: LoadedModel) -> bool:
+    """Whether a topic gate's hook is on the model (by whoever attached it: a caller may
+    generate inside its own `steer` block). Its decision differs per row and reads the
+    whole prompt, so no head can be shared under it."""
+    return any(getattr(hook, "refusalkit_gate", False)
+               for layer in lm.arch.layers for hook in layer._forward_pre_hooks.values())
+
+
 def prefix_length(lm: LoadedModel, rows: Sequence[Sequence[int]], head: int, keep: int) -> int:
     """How many leading tokens every row shares, at most `head` (the template's tokens
     before the user's text, so user-token means stay in the rest) and leaving each row at
     least `keep` tokens (a rest of one token would read as a decoding step to a hook); 0
-    when sharing does not apply or is not worth it."""
-    if len(rows) < 2 or not full_attention(lm):
+    when sharing does not apply (sliding windows, a gate attached) or is not worth it."""
+    if len(rows) < 2 or not full_attention(lm) or gate_attached(lm):
         return 0
     cap = min(head, min(len(r) for r in rows) - keep)
     first, n = rows[0], 0

@@ -46,9 +46,9 @@ def last_logprobs(
     out: torch.Tensor | None = None
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with bar("next-token", len(texts), show_progress) as progress, \
-            steer(lm, profile) as steering, torch.inference_mode():
+            steer(lm, profile), torch.inference_mode():
         # the template's head runs once under the hooks (not with a gate: refusalkit.prefix)
-        shared = 0 if steering.gated else shared_head(lm, encoded)
+        shared = shared_head(lm, encoded)
         prefix = run_prefix(lm, encoded[0][:shared]) if shared else None
         for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
             if prefix is None:
