@@ -88,6 +88,8 @@ def test_capture_with_the_head_run_once_matches_whole_prompts(family: str, plain
     assert heads == ["activations"]
     stopped = capture(lm, PROMPTS, [2], [MEAN_ALL], batch_size=3, show_progress=False)
     assert close(stopped[:, 0], got[:, 1, 2:3])  # a pass cut off at layer 2, head included
+    first = capture(lm, PROMPTS, [0], [MEAN_ALL], batch_size=3, show_progress=False)
+    assert close(first[:, 0], got[:, 0, 2:3])  # cut off before any layer: no cache at all
     want = plain(capture, lm, PROMPTS, layers, pos, batch_size=3, show_progress=False)
     assert not torch.equal(got, torch.zeros_like(got))
     assert close(got, want)
