@@ -9,7 +9,14 @@ import torch
 from conftest import RTOL_FLOAT32, build_tiny
 
 import refusalkit.prefix as prefix
-from refusalkit.activations import MEAN_ALL, MEAN_POST, MEAN_USER, capture, shared_head
+from refusalkit.activations import (
+    MEAN_ALL,
+    MEAN_POST,
+    MEAN_USER,
+    capture,
+    head_prefix,
+    shared_head,
+)
 from refusalkit.evaluate import answer_nlls
 from refusalkit.examiner import Decoding, Examiner
 from refusalkit.generation import generate
@@ -42,10 +49,21 @@ def plain(monkeypatch):
 def heads(monkeypatch):
     """How many head passes each pass ran (so an equality below is not two plain runs)."""
     calls: list[str] = []
-    real = prefix.run_prefix
-    for mod in ("activations", "scoring", "generation", "evaluate"):
-        monkeypatch.setattr(f"refusalkit.{mod}.run_prefix",
-                            lambda *a, _m=mod: calls.append(_m) or real(*a))
+
+    def spy(real, mod: str):
+        def run(*args):
+            out = real(*args)
+            if out is not None:  # head_prefix returns None when it ran no head
+                if mod != "activations":  # its run_prefix call was recorded as activations'
+                    calls.pop()
+                calls.append(mod)
+            return out
+        return run
+
+    monkeypatch.setattr("refusalkit.activations.run_prefix",
+                        spy(prefix.run_prefix, "activations"))
+    for mod in ("scoring", "generation", "evaluate"):
+        monkeypatch.setattr(f"refusalkit.{mod}.head_prefix", spy(head_prefix, mod))
     return calls
 
 

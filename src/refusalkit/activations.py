@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from refusalkit.errors import UserError
 from refusalkit.models import LoadedModel
-from refusalkit.prefix import after_prefix, prefix_length, run_prefix
+from refusalkit.prefix import Prefix, after_prefix, prefix_length, run_prefix
 from refusalkit.progress import bar
 from refusalkit.runs import umask_mode
 
@@ -58,6 +58,13 @@ def shared_head(lm: LoadedModel, encoded: Sequence[Sequence[int]]) -> int:
     the template's tail."""
     before, after = template_lengths(lm)
     return prefix_length(lm, encoded, before, max(1, after) + 1)
+
+
+def head_prefix(lm: LoadedModel, encoded: Sequence[Sequence[int]]) -> Prefix | None:
+    """The shared head of these prompts run once, under whatever hooks are attached; None
+    when nothing is shared (refusalkit.prefix.prefix_length says when)."""
+    shared = shared_head(lm, encoded)
+    return run_prefix(lm, encoded[0][:shared]) if shared else None
 
 
 def user_mask(mask: torch.Tensor, before: int, after: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from refusalkit.activations import length_sorted_batches, shared_head
+from refusalkit.activations import head_prefix, length_sorted_batches
 from refusalkit.errors import UserError
 from refusalkit.gates import gate_of, gate_open
 from refusalkit.interventions import Profile, lift_gate, steer
@@ -21,7 +21,7 @@ from refusalkit.judge import Judge, JudgementCache
 from refusalkit.judge.cache import CachedJudge
 from refusalkit.judge.protocol import THRESHOLD, PromptScore, SampleScore, aggregate, classify
 from refusalkit.models import LoadedModel
-from refusalkit.prefix import Prefix, after_prefix, run_prefix
+from refusalkit.prefix import Prefix, after_prefix
 from refusalkit.quality import AnswerQuality, assess, perplexities
 
 
@@ -189,8 +189,7 @@ def shared_prompt_nlls(lm: LoadedModel, prompts: Sequence[str], responses: Seque
     order = list(by_prompt)
     encoded = [tok(lm.format(p), add_special_tokens=False)["input_ids"] for p in order]
     with torch.inference_mode():
-        shared = shared_head(lm, encoded)  # the template's head, once (refusalkit.prefix)
-        prefix = run_prefix(lm, encoded[0][:shared]) if shared else None
+        prefix = head_prefix(lm, encoded)  # the template's head, once (refusalkit.prefix)
         for group in _answer_groups([len(e) for e in encoded],
                                     [len(by_prompt[p]) for p in order], batch_size):
             rows = [(g, i, a) for g, k in enumerate(group) for i, a in by_prompt[order[k]]]

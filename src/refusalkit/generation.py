@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from refusalkit.activations import length_sorted_batches, shared_head
+from refusalkit.activations import head_prefix, length_sorted_batches
 from refusalkit.errors import UserError
 from refusalkit.interventions import Profile, Steering, steer
 from refusalkit.models import LoadedModel, strip_thinking
-from refusalkit.prefix import Prefix, after_prefix, run_prefix
+from refusalkit.prefix import Prefix, after_prefix
 from refusalkit.progress import bar
 
 
@@ -92,10 +92,8 @@ def generate(
     plain, min_new = plain_greedy(lm.model.generation_config)
     with bar("generate", len(prompts), show_progress) as progress, \
             steer(lm, profile) as steering:
-        prefix = None  # the template's head, run once for every batch (refusalkit.prefix)
-        if greedy and plain and (shared := shared_head(lm, encoded)):
-            with torch.inference_mode():
-                prefix = run_prefix(lm, encoded[0][:shared])
+        with torch.inference_mode():  # the template's head, once for every batch
+            prefix = head_prefix(lm, encoded) if greedy and plain else None
         for idx in length_sorted_batches([len(e) for e in encoded], per_batch):
             if greedy and plain:
                 for i, (ids, lps, done) in zip(idx, greedy_rows(

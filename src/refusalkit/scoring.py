@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from refusalkit.activations import length_sorted_batches, shared_head
+from refusalkit.activations import head_prefix, length_sorted_batches
 from refusalkit.interventions import Profile, steer
 from refusalkit.models import LoadedModel
-from refusalkit.prefix import after_prefix, run_prefix
+from refusalkit.prefix import after_prefix
 from refusalkit.progress import bar
 
 # First tokens of typical refusal openings (Arditi et al. use "I" / "As" for Qwen).
@@ -48,8 +48,7 @@ def last_logprobs(
     with bar("next-token", len(texts), show_progress) as progress, \
             steer(lm, profile), torch.inference_mode():
         # the template's head runs once under the hooks (not with a gate: refusalkit.prefix)
-        shared = shared_head(lm, encoded)
-        prefix = run_prefix(lm, encoded[0][:shared]) if shared else None
+        prefix = head_prefix(lm, encoded)
         for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
             if prefix is None:
                 batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
